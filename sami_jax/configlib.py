@@ -1,0 +1,250 @@
+"""The one place where every config knob is defined, with its default, and validated.
+
+Every file in `configs/` starts from `default_config()` and overrides fields. Because every knob
+exists here, `--config.model.encoder.latnet_dim=4` (a typo) fails loudly, and a config is checked
+by `validate` before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+MODEL_KINDS = ("sami", "sami_frozen", "ddpm")
+DATASETS = ("disks", "disks_video", "celeba", "folder")
+SCHEDULES = ("cosine", "linear")
+WEIGHTINGS = ("simple", "elbo")
+TIME_SAMPLINGS = ("uniform", "antithetic", "high_noise")
+BETA_SCHEDULES = ("constant", "linear", "loglinear")
+SCALE_PARAMS = ("softplus", "exp")
+SAMPLERS = ("ddim", "ddpm")
+DTYPES = ("float32", "bfloat16")
+
+
+class ConfigError(ValueError):
+  """A config value is wrong; the message names the field and the fix."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # ---------------------------------------------------------------- data
+  c.data = d = ml_collections.ConfigDict()
+  d.name = "disks"
+  d.data_dir = ""            # TFDS data dir; "" means $TFDS_DATA_DIR or ~/tensorflow_datasets.
+  d.manual_dir = ""          # where the user put CelebA's manual files (celeba only).
+  d.folder = ""              # image folder (folder dataset only).
+  d.image_size = 32
+  d.channels = 1
+  d.factors = "xy_bg"        # disks factor set: "xy_bg" or "xy_bg_r_fg" (radius, disk intensity).
+  d.num_train = 20000        # disks: examples rendered into the train split.
+  d.num_test = 2000
+  d.video_frames = 16        # disks_video: frames per sequence.
+  d.num_workers = 0          # grain worker processes (0: in the main process).
+  d.prefetch = 2             # batches prefetched to the devices.
+
+  # --------------------------------------------------------------- model
+  c.model = m = ml_collections.ConfigDict()
+  m.kind = "sami"            # sami | sami_frozen | ddpm
+  m.dtype = "float32"        # compute dtype; params stay float32.
+  m.denoiser_checkpoint = ""  # sami_frozen: workdir (or checkpoint dir) of a trained ddpm.
+  m.denoiser = u = ml_collections.ConfigDict()
+  u.ch = 64
+  u.ch_mult = (1, 2, 2)
+  u.num_res_blocks = 2
+  u.attn_resolutions = (8,)
+  u.dropout = 0.0
+  u.num_groups = 8
+  u.remat = False
+  m.encoder = e = ml_collections.ConfigDict()
+  e.ch = 32
+  e.ch_mult = (1, 2, 2)
+  e.num_res_blocks = 1
+  e.attn_resolutions = ()
+  e.num_groups = 8
+  e.latent_dim = 3
+  e.time_conditioning = False
+  e.scale_param = "softplus"  # softplus | exp (of a log-variance); the head starts at std ~= 1.
+  e.min_std = 1e-3           # floor on the posterior std: bounds the guidance score.
+  e.max_std = 10.0
+
+  # ----------------------------------------------------------- diffusion
+  c.diffusion = f = ml_collections.ConfigDict()
+  f.schedule = "cosine"
+  f.cosine_s = 0.008
+  f.linear_beta_start = 1e-4  # linear (DDPM) schedule, in units of a T=1000 discretisation.
+  f.linear_beta_end = 0.02
+  f.logsnr_min = -20.0       # log-SNR is clipped to this range (cosine reaches +-inf at the ends).
+  f.logsnr_max = 20.0
+  f.num_timesteps = 0        # 0: continuous time; T > 0: t restricted to {1/T, ..., 1}.
+  f.weighting = "simple"     # simple | elbo
+  f.time_sampling = "uniform"  # uniform | antithetic | high_noise
+  f.high_noise_power = 0.5   # high_noise: t = u ** power (power < 1 oversamples large t).
+  f.guidance_scale = 1.0     # gamma in training.
+
+  # ----------------------------------------------------------- objective
+  c.objective = o = ml_collections.ConfigDict()
+  o.beta_schedule = "loglinear"
+  o.beta_start = 5e-6
+  o.beta_end = 1e-3
+  o.beta_warmup_steps = 2000  # steps over which beta goes from start to end.
+  o.test_inject_nan_step = -1  # testing only: make the loss NaN at this step.
+
+  # --------------------------------------------------------------- optim
+  c.optim = p = ml_collections.ConfigDict()
+  p.lr = 2e-4
+  p.warmup_steps = 200
+  p.lr_decay = "constant"    # constant | cosine
+  p.b1 = 0.9
+  p.b2 = 0.99
+  p.eps = 1e-8
+  p.grad_clip = 1.0          # global-norm clip; 0 disables.
+  p.weight_decay = 0.0
+  p.ema_decay = 0.999
+  p.encoder_lr_mult = 1.0
+
+  # --------------------------------------------------------------- train
+  c.train = t = ml_collections.ConfigDict()
+  t.batch_size = 64          # global batch.
+  t.num_steps = 3000
+  t.log_every = 50
+  t.ckpt_every = 1000
+  t.keep_ckpts = 3           # keep the last N checkpoints ...
+  t.keep_every = 0           # ... and every K-th step forever (0: none).
+  t.sample_every = 1000      # PNG grids every K steps (and at the end); 0: only at the end.
+  t.num_sample_images = 16
+  t.probe_at_end = True      # disks: latent -> factor R^2 summary at the end of the run.
+
+  # ------------------------------------------------------------ sampling
+  c.sampling = s = ml_collections.ConfigDict()
+  s.sampler = "ddim"
+  s.steps = 50
+  s.eta = 0.0
+  s.guidance_scale = 1.0
+  s.use_mean = True          # reconstruct from the posterior mean (else a sample).
+  s.traverse_range = 2.0     # traversals span [-r, r] standard deviations of the prior.
+  s.traverse_points = 7
+
+  # ---------------------------------------------------------------- eval
+  c.eval = v = ml_collections.ConfigDict()
+  v.num_examples = 2000      # examples encoded for the probes and metrics.
+  v.num_recon = 64           # images reconstructed for MSE/PSNR.
+
+  # ---------------------------------------------------------------- mesh
+  c.mesh = "data:-1,fsdp:1"  # axis sizes; -1 takes the remaining devices.
+  c.fsdp_min_size = 2 ** 14  # params with fewer elements stay replicated under fsdp.
+  return c
+
+
+def _fail(field: str, msg: str):
+  raise ConfigError(f"config.{field}: {msg}")
+
+
+def _one_of(c, field: str, value, choices):
+  if value not in choices:
+    _fail(field, f"{value!r} is not one of {list(choices)}.")
+
+
+def parse_mesh(spec: str, num_devices: int) -> dict[str, int]:
+  """'data:-1,fsdp:2' -> {'data': num_devices // 2, 'fsdp': 2}."""
+  sizes = {}
+  try:
+    for part in spec.split(","):
+      name, size = part.split(":")
+      sizes[name.strip()] = int(size)
+  except ValueError:
+    _fail("mesh", f"{spec!r} is not of the form 'data:N,fsdp:M' (N or M may be -1).")
+  if set(sizes) != {"data", "fsdp"}:
+    _fail("mesh", f"{spec!r} must name exactly the axes data and fsdp.")
+  if list(sizes.values()).count(-1) > 1:
+    _fail("mesh", f"{spec!r}: at most one axis may be -1.")
+  fixed = 1
+  for v in sizes.values():
+    if v != -1:
+      if v < 1:
+        _fail("mesh", f"{spec!r}: axis sizes must be >= 1 or -1.")
+      fixed *= v
+  if num_devices % fixed:
+    _fail("mesh", f"{spec!r} needs a multiple of {fixed} devices, there are {num_devices}.")
+  for k, v in sizes.items():
+    if v == -1:
+      sizes[k] = num_devices // fixed
+  if sizes["data"] * sizes["fsdp"] != num_devices:
+    _fail("mesh", f"{spec!r} uses {sizes['data'] * sizes['fsdp']} devices, there are "
+          f"{num_devices}; use -1 for one axis.")
+  return sizes
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int | None = None,
+             num_processes: int = 1) -> None:
+  """Checks a config before anything is compiled. Raises ConfigError naming the field."""
+  _one_of(c, "data.name", c.data.name, DATASETS)
+  _one_of(c, "model.kind", c.model.kind, MODEL_KINDS)
+  _one_of(c, "model.dtype", c.model.dtype, DTYPES)
+  _one_of(c, "diffusion.schedule", c.diffusion.schedule, SCHEDULES)
+  _one_of(c, "diffusion.weighting", c.diffusion.weighting, WEIGHTINGS)
+  _one_of(c, "diffusion.time_sampling", c.diffusion.time_sampling, TIME_SAMPLINGS)
+  _one_of(c, "objective.beta_schedule", c.objective.beta_schedule, BETA_SCHEDULES)
+  _one_of(c, "model.encoder.scale_param", c.model.encoder.scale_param, SCALE_PARAMS)
+  _one_of(c, "sampling.sampler", c.sampling.sampler, SAMPLERS)
+
+  for field in ("optim.lr", "train.batch_size", "train.num_steps", "train.log_every",
+                "train.ckpt_every", "data.image_size", "data.channels",
+                "model.denoiser.ch", "model.encoder.ch", "model.encoder.latent_dim",
+                "sampling.steps", "model.encoder.min_std", "objective.beta_start"):
+    obj = c
+    for part in field.split("."):
+      obj = obj[part]
+    if not obj > 0:
+      _fail(field, f"must be positive, got {obj!r}.")
+  for field in ("objective.beta_end", "optim.grad_clip", "optim.weight_decay",
+                "optim.warmup_steps", "train.sample_every", "train.keep_every",
+                "diffusion.num_timesteps", "data.num_workers", "sampling.eta",
+                "model.denoiser.dropout"):
+    obj = c
+    for part in field.split("."):
+      obj = obj[part]
+    if obj < 0:
+      _fail(field, f"must be >= 0, got {obj!r}.")
+  if not 0.0 <= c.optim.ema_decay < 1.0:
+    _fail("optim.ema_decay", f"must be in [0, 1), got {c.optim.ema_decay}.")
+  if c.model.encoder.max_std <= c.model.encoder.min_std:
+    _fail("model.encoder.max_std", "must be larger than model.encoder.min_std.")
+  if not 0.0 < c.diffusion.high_noise_power <= 1.0:
+    _fail("diffusion.high_noise_power", "must be in (0, 1]; values < 1 oversample high noise.")
+  if c.diffusion.logsnr_min >= c.diffusion.logsnr_max:
+    _fail("diffusion.logsnr_min", "must be below diffusion.logsnr_max.")
+  if c.train.keep_ckpts < 1:
+    _fail("train.keep_ckpts", "must keep at least 1 checkpoint.")
+
+  for name, sub in (("denoiser", c.model.denoiser), ("encoder", c.model.encoder)):
+    levels = len(sub.ch_mult)
+    if levels < 1:
+      _fail(f"model.{name}.ch_mult", "needs at least one level, e.g. (1, 2, 2).")
+    factor = 2 ** (levels - 1)
+    if c.data.image_size % factor:
+      _fail(f"model.{name}.ch_mult",
+            f"{levels} levels downsample by {factor}, which does not divide "
+            f"data.image_size={c.data.image_size}; use fewer levels or another image size.")
+    for mult in sub.ch_mult:
+      if (sub.ch * mult) % sub.num_groups:
+        _fail(f"model.{name}.num_groups",
+              f"{sub.num_groups} groups do not divide the {sub.ch * mult} channels of a level "
+              f"(ch={sub.ch}, ch_mult={tuple(sub.ch_mult)}).")
+
+  if c.model.kind == "sami_frozen" and not c.model.denoiser_checkpoint:
+    _fail("model.denoiser_checkpoint",
+          "sami_frozen trains the encoder on a frozen denoiser: set it to the workdir of a "
+          "trained ddpm run (e.g. --config.model.denoiser_checkpoint=/path/to/ddpm_workdir).")
+  if c.data.name == "folder" and not c.data.folder:
+    _fail("data.folder", "the folder dataset needs --config.data.folder=/path/to/images.")
+
+  if c.train.batch_size % num_processes:
+    _fail("train.batch_size", f"{c.train.batch_size} is not divisible by the "
+          f"{num_processes} processes.")
+  if num_devices is not None:
+    sizes = parse_mesh(c.mesh, num_devices)
+    if c.train.batch_size % (sizes["data"] * sizes["fsdp"]):
+      _fail("train.batch_size",
+            f"{c.train.batch_size} is not divisible by the {num_devices} devices of the mesh "
+            f"{sizes}; use a multiple of {num_devices}.")
