@@ -1,0 +1,172 @@
+"""The SAMI objective (conditional ELBO with score guidance), as pure functions.
+
+Nothing here knows about meshes, files or checkpoints: every function maps arrays to arrays.
+
+    eps_hat(x_t, t, z) = eps_theta(x_t, t) - gamma * sigma_t * g_t,
+    g_t = grad_{x_t} log q_phi(z | x_t)                       (jax.grad of the batch sum)
+    L = E[ w(t) ||eps - eps_hat||^2 + beta * KL(q_phi(z | x0) || N(0, I)) ]
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from sami_jax import schedules
+
+# (x [B,H,W,C], t [B] or None) -> (mean [B,d], std [B,d]); params already bound.
+EncodeFn = Callable[[jax.Array, jax.Array | None], tuple[jax.Array, jax.Array]]
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+def gaussian_log_prob(z: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
+  """log N(z; mean, diag(std^2)) per example. z, mean, std: [B, d] -> [B] (nats)."""
+  chex.assert_equal_shape((z, mean, std))
+  return -0.5 * jnp.sum(((z - mean) / std) ** 2 + 2.0 * jnp.log(std) + LOG_2PI, axis=-1)
+
+
+def kl_to_standard_normal(mean: jax.Array, std: jax.Array) -> jax.Array:
+  """KL(N(mean, diag(std^2)) || N(0, I)) in closed form. [B, d] -> [B] (nats)."""
+  chex.assert_equal_shape((mean, std))
+  return 0.5 * jnp.sum(mean ** 2 + std ** 2 - 1.0 - 2.0 * jnp.log(std), axis=-1)
+
+
+def guidance_score(encode_fn: EncodeFn, x_t: jax.Array, z: jax.Array,
+                   t: jax.Array | None) -> jax.Array:
+  """g_t = grad_{x_t} log q_phi(z | x_t), for a whole batch in one reverse pass.
+
+  Examples are independent (no batch coupling in the encoder), so the gradient of the batch *sum*
+  of log q gives every example's own score. The log-variance term is kept: std depends on x_t.
+
+  Args:
+    encode_fn: (x, t) -> (mean, std), the encoder with its params bound (differentiable in them).
+    x_t: [B, H, W, C] noisy images.
+    z: [B, d] latents (held fixed: no gradient flows into z through this call's x-derivative, but
+      z keeps its own dependence on the encoder params for the outer gradient).
+    t: [B] times, passed to the encoder (which may ignore them).
+  Returns:
+    [B, H, W, C], the score of log q with respect to x_t.
+  """
+  def total_log_q(x):
+    mean, std = encode_fn(x, t)
+    return jnp.sum(gaussian_log_prob(z, mean, std))
+  return jax.grad(total_log_q)(x_t)
+
+
+def beta_at(objective_config, step: jax.Array) -> jax.Array:
+  """The KL weight beta at a training step (scalar float32).
+
+  "constant": beta_end. "linear": beta_start -> beta_end linearly over beta_warmup_steps.
+  "loglinear": the same, linear in log beta. Constant at beta_end afterwards.
+  """
+  o = objective_config
+  frac = jnp.clip(jnp.asarray(step, jnp.float32) / max(o.beta_warmup_steps, 1), 0.0, 1.0)
+  if o.beta_schedule == "constant":
+    return jnp.asarray(o.beta_end, jnp.float32)
+  if o.beta_schedule == "linear":
+    return o.beta_start + frac * (o.beta_end - o.beta_start)
+  if o.beta_schedule == "loglinear":
+    if o.beta_end <= 0:
+      raise ValueError("objective.beta_end must be > 0 for the loglinear beta schedule.")
+    return jnp.exp(math.log(o.beta_start) + frac * (math.log(o.beta_end) - math.log(o.beta_start)))
+  raise ValueError(f"unknown objective.beta_schedule {o.beta_schedule!r}.")
+
+
+def guided_eps(eps_theta: jax.Array, encode_fn: EncodeFn, x_t: jax.Array, t: jax.Array,
+               z: jax.Array, sigma_t: jax.Array, gamma: float | jax.Array
+               ) -> tuple[jax.Array, jax.Array]:
+  """eps_hat = eps_theta - gamma * sigma_t * g_t. Returns (eps_hat, the correction gamma*sigma*g)."""
+  g = guidance_score(encode_fn, x_t, z, t)
+  correction = gamma * sigma_t[:, None, None, None] * g
+  return eps_theta - correction, correction
+
+
+def make_loss_fn(config, denoiser, encoder, schedule: schedules.Schedule | None = None
+                 ) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]]:
+  """Builds the pure loss `(params, batch, rng, step, *, train=True) -> (loss, per-example terms)`.
+
+  params: {"denoiser": ..., "encoder": ...}; batch["image"]: [B, H, W, C] in [-1, 1]; an optional
+  batch["mask"]: [B] bool marks real rows (padding in evaluation). rng: a key used only for this
+  step (the caller folds in the step). The loss is normalised per pixel so that it is of order 1
+  (0.5 * ... is not applied: with the "simple" weighting the diffusion term is the mean squared error
+  of the noise prediction). Terms (each [B]):
+    diffusion: w(t) * mean over pixels of ||eps - eps_hat||^2
+    mse_uncond: mean over pixels of ||eps - eps_theta||^2 (what the denoiser alone achieves)
+    kl: KL(q(z|x0) || N(0, I)) in nats (0 for ddpm)
+    guidance_norm: RMS over pixels of gamma * sigma_t * g_t
+    posterior_std: mean over latent dims of std(x0)
+    t: the sampled times
+  """
+  schedule = schedule or schedules.from_config(config)
+  kind = config.model.kind
+  weighting = config.diffusion.weighting
+  gamma = config.diffusion.guidance_scale
+  time_conditioning = config.model.encoder.time_conditioning
+  nan_step = config.objective.test_inject_nan_step
+
+  def loss_fn(params: dict[str, Any], batch: dict[str, jax.Array], rng: jax.Array,
+              step: jax.Array, *, train: bool = True):
+    x0 = batch["image"]
+    chex.assert_rank(x0, 4)
+    b = x0.shape[0]
+    num_pixels = math.prod(x0.shape[1:])
+    rng_t, rng_eps, rng_z, rng_drop = jax.random.split(rng, 4)
+
+    t = schedule.sample_t(rng_t, b)
+    alpha, sigma = schedule.alpha_sigma(t)
+    eps = jax.random.normal(rng_eps, x0.shape, x0.dtype)
+    x_t = alpha[:, None, None, None] * x0 + sigma[:, None, None, None] * eps
+
+    den_params = params["denoiser"]
+    if kind == "sami_frozen":
+      den_params = jax.lax.stop_gradient(den_params)
+    eps_theta = denoiser.apply({"params": den_params}, x_t, t, train=train,
+                               rngs={"dropout": rng_drop})
+    chex.assert_equal_shape((eps_theta, x0))
+
+    zeros = jnp.zeros((b,), jnp.float32)
+    if kind == "ddpm":
+      eps_hat, correction = eps_theta, jnp.zeros_like(eps_theta)
+      kl, post_std = zeros, zeros
+    else:
+      def encode_fn(x, tt):
+        return encoder.apply({"params": params["encoder"]}, x,
+                             tt if time_conditioning else None)
+      t_clean = jnp.zeros_like(t) if time_conditioning else None
+      mean0, std0 = encode_fn(x0, t_clean)
+      z = mean0 + std0 * jax.random.normal(rng_z, mean0.shape, mean0.dtype)
+      eps_hat, correction = guided_eps(eps_theta, encode_fn, x_t, t, z, sigma, gamma)
+      kl = kl_to_standard_normal(mean0, std0)
+      post_std = jnp.mean(std0, axis=-1)
+
+    w = schedule.elbo_weight(t) if weighting == "elbo" else jnp.ones_like(t)
+    sq = jnp.mean((eps - eps_hat) ** 2, axis=(1, 2, 3))
+    diffusion = w * sq
+    beta = beta_at(config.objective, step)
+    per_example = diffusion + beta * kl / num_pixels
+
+    mask = batch.get("mask")
+    if mask is None:
+      loss = jnp.mean(per_example)
+    else:
+      m = mask.astype(jnp.float32)
+      loss = jnp.sum(per_example * m) / jnp.maximum(jnp.sum(m), 1.0)
+    if nan_step >= 0:  # testing only: exercises the NaN guard end to end.
+      loss = jnp.where(step == nan_step, jnp.nan, loss)
+
+    terms = {
+        "diffusion": diffusion,
+        "mse_uncond": jnp.mean((eps - eps_theta) ** 2, axis=(1, 2, 3)),
+        "kl": kl,
+        "guidance_norm": jnp.sqrt(jnp.mean(correction ** 2, axis=(1, 2, 3))),
+        "posterior_std": post_std,
+        "t": t,
+    }
+    return loss, terms
+
+  return loss_fn

@@ -1,0 +1,179 @@
+"""Reverse-process samplers (DDIM, ancestral DDPM) and the SAMI conditional generators.
+
+Each sampler is one `jax.lax.scan` over a time grid; wrap the public functions in `jax.jit`
+(they are pure: models, params, z and keys in, images out). Conditional sampling calls `jax.grad`
+of the encoder's log q at every step (the guidance score).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from sami_jax import objective
+from sami_jax import schedules
+
+# (x_t [B,H,W,C], t [B]) -> eps prediction [B,H,W,C]
+EpsFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def predict_x0(x_t, eps, alpha, sigma):
+  """x0 estimate from the noise prediction; alpha, sigma broadcast against x_t."""
+  return (x_t - sigma * eps) / alpha
+
+
+def _time_grid(steps: int) -> tuple[jax.Array, jax.Array]:
+  """Pairs (t, s) with s < t: t = 1, ..., 1/steps and s = t - 1/steps (the last s is 0)."""
+  t = jnp.arange(steps, 0, -1, dtype=jnp.float32) / steps
+  return t, t - 1.0 / steps
+
+
+def sample(eps_fn: EpsFn, schedule: schedules.Schedule, x_init: jax.Array, rng: jax.Array, *,
+           steps: int = 50, sampler: str = "ddim", eta: float = 0.0,
+           clip_x0: bool = True) -> jax.Array:
+  """Runs the reverse process from t = 1 to t = 0.
+
+  Args:
+    eps_fn: the (possibly guided) noise prediction.
+    schedule: the noise schedule (the single source of alpha and sigma).
+    x_init: [B, H, W, C] the initial noise x_1 (N(0, I)).
+    rng: key for the stochastic part (DDIM with eta > 0, ancestral DDPM).
+    steps: number of reverse steps.
+    sampler: "ddim" (eta = 0 deterministic; eta = 1 matches DDPM's variance) or "ddpm" (ancestral
+      sampling from the Gaussian posterior q(x_s | x_t, x0_hat)).
+    eta: DDIM stochasticity.
+    clip_x0: clip the x0 estimate to [-1, 1] at every step (data range); off for exactness tests.
+  Returns:
+    [B, H, W, C] the final x0 estimate.
+  """
+  if sampler not in ("ddim", "ddpm"):
+    raise ValueError(f"unknown sampler {sampler!r}; use 'ddim' or 'ddpm'.")
+  b = x_init.shape[0]
+  ts, ss = _time_grid(steps)
+  keys = jax.random.split(rng, steps)
+
+  def step(x, inputs):
+    t, s, key = inputs
+    tb = jnp.full((b,), t)
+    alpha_t, sigma_t = schedule.alpha_sigma(t)
+    alpha_s, sigma_s = schedule.alpha_sigma(s)
+    eps = eps_fn(x, tb)
+    x0 = predict_x0(x, eps, alpha_t, sigma_t)
+    if clip_x0:
+      x0 = jnp.clip(x0, -1.0, 1.0)
+      eps = (x - alpha_t * x0) / sigma_t
+    noise = jax.random.normal(key, x.shape, x.dtype)
+    if sampler == "ddim":
+      # DDIM (Song et al. 2021) in alpha/sigma form; c^2 is eta^2 times the DDPM posterior variance.
+      c2 = eta ** 2 * (sigma_s ** 2 / sigma_t ** 2) * (1.0 - (alpha_t * sigma_s) ** 2 /
+                                                         (alpha_s * sigma_t) ** 2)
+      c2 = jnp.clip(c2, 0.0, sigma_s ** 2)
+      x_next = alpha_s * x0 + jnp.sqrt(sigma_s ** 2 - c2) * eps + jnp.sqrt(c2) * noise
+    else:
+      alpha_ts = alpha_t / alpha_s
+      var_ts = sigma_t ** 2 - alpha_ts ** 2 * sigma_s ** 2  # variance of q(x_t | x_s)
+      mean = (alpha_ts * sigma_s ** 2 / sigma_t ** 2) * x + (alpha_s * var_ts / sigma_t ** 2) * x0
+      var = var_ts * sigma_s ** 2 / sigma_t ** 2
+      x_next = mean + jnp.sqrt(var) * noise
+    return x_next, x0
+
+  _, x0s = jax.lax.scan(step, x_init, (ts, ss, keys))
+  return x0s[-1]
+
+
+def conditional_eps_fn(denoiser, encoder, params, z: jax.Array, *, gamma: float = 1.0,
+                       time_conditioning: bool = False,
+                       schedule: schedules.Schedule) -> EpsFn:
+  """eps_hat(x_t, t, z) = eps_theta(x_t, t) - gamma * sigma_t * grad_x log q(z | x_t)."""
+  def encode_fn(x, t):
+    return encoder.apply({"params": params["encoder"]}, x, t if time_conditioning else None)
+
+  def eps_fn(x, t):
+    eps_theta = denoiser.apply({"params": params["denoiser"]}, x, t, train=False)
+    eps_hat, _ = objective.guided_eps(eps_theta, encode_fn, x, t, z,
+                                      schedule.sigma(t), gamma)
+    return eps_hat
+  return eps_fn
+
+
+def unconditional_eps_fn(denoiser, params) -> EpsFn:
+  return lambda x, t: denoiser.apply({"params": params["denoiser"]}, x, t, train=False)
+
+
+# ----------------------------------------------------------------------------- SAMI generators
+
+
+@functools.partial(jax.jit, static_argnames=("denoiser", "encoder", "schedule", "steps",
+                                             "sampler", "eta", "clip_x0", "time_conditioning",
+                                             "image_shape", "shared_noise"))
+def generate(denoiser, encoder, params, z: jax.Array, rng: jax.Array, *,
+             schedule: schedules.Schedule, image_shape: tuple[int, int, int],
+             gamma: float | jax.Array = 1.0, steps: int = 50, sampler: str = "ddim",
+             eta: float = 0.0, clip_x0: bool = True, time_conditioning: bool = False,
+             shared_noise: bool = False) -> jax.Array:
+  """Images generated under the guidance of latents z [B, d] -> [B, H, W, C].
+
+  encoder=None (or gamma=0) samples the unconditional denoiser. shared_noise=True starts every row
+  from the same noise image, which is what makes traversals and interpolations comparable.
+  """
+  b = z.shape[0]
+  rng_init, rng_sample = jax.random.split(rng)
+  noise_shape = ((1,) if shared_noise else (b,)) + tuple(image_shape)
+  x_init = jax.random.normal(rng_init, noise_shape, jnp.float32)
+  x_init = jnp.broadcast_to(x_init, (b,) + tuple(image_shape))
+  if encoder is None:
+    eps_fn = unconditional_eps_fn(denoiser, params)
+  else:
+    eps_fn = conditional_eps_fn(denoiser, encoder, params, z, gamma=gamma,
+                                time_conditioning=time_conditioning, schedule=schedule)
+  return sample(eps_fn, schedule, x_init, rng_sample, steps=steps, sampler=sampler, eta=eta,
+                clip_x0=clip_x0)
+
+
+def encode(encoder, params, x: jax.Array, *, time_conditioning: bool = False
+           ) -> tuple[jax.Array, jax.Array]:
+  """Posterior (mean, std), each [B, d], of clean images x [B, H, W, C]."""
+  t = jnp.zeros((x.shape[0],), jnp.float32) if time_conditioning else None
+  return encoder.apply({"params": params["encoder"]}, x, t)
+
+
+def reconstruct(denoiser, encoder, params, x0: jax.Array, rng: jax.Array, *,
+                schedule: schedules.Schedule, use_mean: bool = True, **kw) -> jax.Array:
+  """Encode x0 [B,H,W,C] -> z (posterior mean, or a sample), then generate under its guidance."""
+  rng_z, rng_gen = jax.random.split(rng)
+  tc = kw.get("time_conditioning", False)
+  mean, std = encode(encoder, params, x0, time_conditioning=tc)
+  z = mean if use_mean else mean + std * jax.random.normal(rng_z, mean.shape)
+  return generate(denoiser, encoder, params, z, rng_gen, schedule=schedule,
+                  image_shape=tuple(x0.shape[1:]), **kw)
+
+
+def traverse_latents(z: jax.Array, dim: int, values: jax.Array) -> jax.Array:
+  """z [d] -> [len(values), d], row i equal to z with z[dim] = values[i]."""
+  chex.assert_rank(z, 1)
+  zs = jnp.tile(z[None], (values.shape[0], 1))
+  return zs.at[:, dim].set(values)
+
+
+def interpolate_latents(z_a: jax.Array, z_b: jax.Array, n: int) -> jax.Array:
+  """Linear interpolation between z_a and z_b ([d] each) -> [n, d], endpoints included."""
+  w = jnp.linspace(0.0, 1.0, n)[:, None]
+  return (1.0 - w) * z_a[None] + w * z_b[None]
+
+
+def traverse(denoiser, encoder, params, z: jax.Array, dim: int, values: jax.Array,
+             rng: jax.Array, **kw) -> jax.Array:
+  """Images for z [d] with latent `dim` set to each of `values` [n] -> [n, H, W, C]."""
+  return generate(denoiser, encoder, params, traverse_latents(z, dim, values), rng,
+                  shared_noise=True, **kw)
+
+
+def interpolate(denoiser, encoder, params, z_a: jax.Array, z_b: jax.Array, n: int,
+                rng: jax.Array, **kw) -> jax.Array:
+  """n images along the line from z_a to z_b (both [d]) -> [n, H, W, C]."""
+  return generate(denoiser, encoder, params, interpolate_latents(z_a, z_b, n), rng,
+                  shared_noise=True, **kw)
