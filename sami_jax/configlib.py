@@ -133,6 +133,7 @@ def default_config() -> ml_collections.ConfigDict:
   # ---------------------------------------------------------------- mesh
   c.mesh = "data:-1,fsdp:1"  # axis sizes; -1 takes the remaining devices.
   c.fsdp_min_size = 2 ** 14  # params with fewer elements stay replicated under fsdp.
+  c.lock()  # a field that is not defined here is an error, not a silent new knob
   return c
 
 

@@ -1,0 +1,78 @@
+"""Every config validation failure gives its own one-line message naming the field."""
+
+import importlib.util
+import os
+
+import pytest
+
+from sami_jax import configlib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name, arg=None):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", name + ".py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.mark.parametrize("name,arg", [("disks", None), ("disks", "cpu"), ("disks", "test"),
+                                      ("celeba", None), ("celeba", "test"), ("ddpm", "disks"),
+                                      ("ddpm", "celeba"), ("ddpm", "test")])
+def test_shipped_configs_validate(name, arg):
+  configlib.validate(load_config(name, arg), num_devices=8)
+
+
+def test_frozen_config_needs_a_checkpoint():
+  c = load_config("celeba_frozen")
+  with pytest.raises(configlib.ConfigError, match="denoiser_checkpoint"):
+    configlib.validate(c)
+  c.model.denoiser_checkpoint = "/some/run"
+  configlib.validate(c)
+
+
+def _set(c, path, value):
+  *parents, leaf = path.split(".")
+  for p in parents:
+    c = c[p]
+  c[leaf] = value
+
+
+@pytest.mark.parametrize("path,value,message", [
+    ("data.name", "mnist", r"config\.data\.name: 'mnist' is not one of"),
+    ("model.kind", "gan", r"config\.model\.kind"),
+    ("diffusion.schedule", "sigmoid", r"config\.diffusion\.schedule"),
+    ("diffusion.weighting", "vlb", r"config\.diffusion\.weighting"),
+    ("sampling.sampler", "euler", r"config\.sampling\.sampler"),
+    ("optim.lr", 0.0, r"config\.optim\.lr: must be positive"),
+    ("optim.lr", -1e-3, r"config\.optim\.lr: must be positive"),
+    ("train.num_steps", 0, r"config\.train\.num_steps: must be positive"),
+    ("optim.ema_decay", 1.0, r"config\.optim\.ema_decay: must be in \[0, 1\)"),
+    ("model.encoder.min_std", 0.0, r"config\.model\.encoder\.min_std"),
+    ("diffusion.high_noise_power", 1.5, r"high_noise_power"),
+    ("data.image_size", 30, r"does not divide data\.image_size=30"),
+    ("model.denoiser.num_groups", 7, r"7 groups do not divide"),
+    ("train.batch_size", 12, r"not divisible by the 8 devices"),
+    ("mesh", "data:3,fsdp:-1", r"needs a multiple of 3 devices"),
+    ("mesh", "model:8", r"must name exactly the axes data and fsdp"),
+    ("mesh", "data=8", r"not of the form"),
+])
+def test_each_validation_failure_has_its_message(path, value, message):
+  c = configlib.default_config()
+  _set(c, path, value)
+  with pytest.raises(configlib.ConfigError, match=message) as info:
+    configlib.validate(c, num_devices=8)
+  assert "\n" not in str(info.value)
+
+
+def test_unknown_field_is_an_error():
+  c = configlib.default_config()
+  with pytest.raises(AttributeError):
+    c.model.encoder.latnet_dim = 4
+
+
+def test_mesh_parsing():
+  assert configlib.parse_mesh("data:-1,fsdp:2", 8) == {"data": 4, "fsdp": 2}
+  assert configlib.parse_mesh("data:2,fsdp:4", 8) == {"data": 2, "fsdp": 4}
+  assert configlib.parse_mesh("data:-1,fsdp:1", 1) == {"data": 1, "fsdp": 1}
