@@ -1,0 +1,113 @@
+"""Command-line entry point.
+
+  python -m sami_jax.main --config=configs/disks.py[:variant] --workdir=DIR \
+      [--config.section.field=value ...] [--mode=train|sample|eval]
+
+Under a multi-process launcher (TPU pod, SLURM with several tasks, or the JAX_COORDINATOR_ADDRESS /
+JAX_NUM_PROCESSES / JAX_PROCESS_ID environment variables) it calls jax.distributed.initialize()
+first; on a single machine it does not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/disks.py or configs/disks.py:cpu.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and images.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval"], "What to run.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 for a multi-process run "
+    "(default: $JAX_COORDINATOR_ADDRESS, or what the TPU/SLURM environment provides).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in that run.")
+
+
+def multi_process_requested(env=None) -> bool:
+  """Whether this process was started as one of several (so jax.distributed must initialise)."""
+  env = os.environ if env is None else env
+  if _COORDINATOR.present or env.get("JAX_COORDINATOR_ADDRESS"):
+    return True
+  if int(env.get("SLURM_NTASKS", "1") or 1) > 1:
+    return True
+  # Multi-host TPU slices list their workers; a single-host slice lists one.
+  workers = env.get("TPU_WORKER_HOSTNAMES", "")
+  return len([w for w in workers.split(",") if w]) > 1
+
+
+def _initialize_distributed():
+  import jax
+  kwargs = {}
+  addr = _COORDINATOR.value or os.environ.get("JAX_COORDINATOR_ADDRESS")
+  if addr:
+    kwargs["coordinator_address"] = addr
+  n = _NUM_PROCESSES.value or os.environ.get("JAX_NUM_PROCESSES")
+  pid = _PROCESS_ID.value if _PROCESS_ID.value is not None else os.environ.get("JAX_PROCESS_ID")
+  if n is not None:
+    kwargs["num_processes"] = int(n)
+  if pid is not None:
+    kwargs["process_id"] = int(pid)
+  jax.distributed.initialize(**kwargs)
+  logging.info("jax.distributed initialised: process %d of %d.", jax.process_index(),
+               jax.process_count())
+
+
+class _QuietLibraries:
+  """Drops INFO records from Orbax / TFDS / grain internals; their warnings still show."""
+
+  _NOISY = ("/orbax/", "/tensorflow_datasets/", "/grain/", "/absl/testing/")
+
+  def filter(self, record) -> bool:
+    if record.levelno >= 30:
+      return True
+    return not any(part in record.pathname for part in self._NOISY)
+
+
+def main(argv):
+  import logging as std_logging
+  std_logging.getLogger().addFilter(_QuietLibraries())
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if _CONFIG.value is None:
+    raise app.UsageError("--config is required, e.g. --config=configs/disks.py")
+  if _WORKDIR.value is None:
+    raise app.UsageError("--workdir is required, e.g. --workdir=/tmp/sami_disks")
+  if multi_process_requested():
+    _initialize_distributed()
+  from sami_jax import configlib
+  from sami_jax import train
+  config = _CONFIG.value
+  try:
+    import jax
+    configlib.validate(config, jax.device_count(), jax.process_count())
+  except configlib.ConfigError as e:
+    print(f"Invalid config: {e}", file=sys.stderr)
+    sys.exit(2)
+  if _MODE.value == "train":
+    summary = train.train(config, _WORKDIR.value)
+    logging.info("Done: %s", json.dumps(summary))
+  elif _MODE.value == "sample":
+    paths = train.sample(config, _WORKDIR.value)
+    logging.info("Wrote %s", ", ".join(paths))
+  elif _MODE.value == "eval":
+    from sami_jax.evaluation import report
+    out = report.run(config, _WORKDIR.value)
+    logging.info("Wrote %s", out)
+
+
+def run():
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()
