@@ -1,7 +1,7 @@
 """Command-line entry point.
 
   python -m sami_jax.main --config=configs/disks.py[:variant] --workdir=DIR \
-      [--config.section.field=value ...] [--mode=train|sample|eval]
+      [--config.section.field=value ...] [--mode=train|sample|eval|export]
 
 Under a multi-process launcher (TPU pod, SLURM with several tasks, or the JAX_COORDINATOR_ADDRESS /
 JAX_NUM_PROCESSES / JAX_PROCESS_ID environment variables) it calls jax.distributed.initialize()
@@ -23,7 +23,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/disks.py or configs/disks.py:cpu.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and images.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval"], "What to run.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "export"], "What to run.")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0 for a multi-process run "
     "(default: $JAX_COORDINATOR_ADDRESS, or what the TPU/SLURM environment provides).")
@@ -101,6 +101,10 @@ def main(argv):
   elif _MODE.value == "eval":
     from sami_jax.evaluation import report
     out = report.run(config, _WORKDIR.value)
+    logging.info("Wrote %s", out)
+  elif _MODE.value == "export":
+    from sami_jax import export
+    out = export.run(config, _WORKDIR.value)
     logging.info("Wrote %s", out)
 
 
