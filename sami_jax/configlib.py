@@ -113,6 +113,7 @@ def default_config() -> ml_collections.ConfigDict:
   t.keep_every = 0           # ... and every K-th step forever (0: none).
   t.sample_every = 1000      # PNG grids every K steps (and at the end); 0: only at the end.
   t.num_sample_images = 16
+  t.write_grids = True       # PNG grids at sample_every and at the end of the run.
   t.probe_at_end = True      # disks: latent -> factor R^2 summary at the end of the run.
 
   # ------------------------------------------------------------ sampling
@@ -129,6 +130,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval = v = ml_collections.ConfigDict()
   v.num_examples = 2000      # examples encoded for the probes and metrics.
   v.num_recon = 64           # images reconstructed for MSE/PSNR.
+  v.export_split = "test"    # --mode=export: the split whose latents are written.
+  v.export_format = "npz"   # --mode=export: "npz" or "parquet".
 
   # ---------------------------------------------------------------- mesh
   c.mesh = "data:-1,fsdp:1"  # axis sizes; -1 takes the remaining devices.

@@ -71,7 +71,27 @@ class _QuietLibraries:
     return not any(part in record.pathname for part in self._NOISY)
 
 
+def _raised_by_sami_jax(error: BaseException) -> bool:
+  """Whether the innermost frame of the error is in sami_jax's own code: those errors are written
+  for users (they say what is wrong and the fix), so they are shown without a stack trace."""
+  tb, last = error.__traceback__, None
+  while tb is not None:
+    last, tb = tb, tb.tb_next
+  marker = f"{os.sep}sami_jax{os.sep}"
+  return last is not None and marker in last.tb_frame.f_code.co_filename
+
+
 def main(argv):
+  try:
+    _main(argv)
+  except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError, KeyError) as e:
+    if not _raised_by_sami_jax(e):
+      raise
+    print(f"Error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _main(argv):
   import logging as std_logging
   std_logging.getLogger().addFilter(_QuietLibraries())
   logging.get_absl_handler().addFilter(_QuietLibraries())
@@ -86,12 +106,8 @@ def main(argv):
   from sami_jax import configlib
   from sami_jax import train
   config = _CONFIG.value
-  try:
-    import jax
-    configlib.validate(config, jax.device_count(), jax.process_count())
-  except configlib.ConfigError as e:
-    print(f"Invalid config: {e}", file=sys.stderr)
-    sys.exit(2)
+  import jax
+  configlib.validate(config, jax.device_count(), jax.process_count())
   if _MODE.value == "train":
     summary = train.train(config, _WORKDIR.value)
     logging.info("Done: %s", json.dumps(summary))

@@ -172,7 +172,7 @@ def make_train_step(config):
     if frozen_denoiser:  # keep the frozen params bitwise identical in the EMA too
       new_ema = dict(new_ema, denoiser=params["denoiser"])
 
-    grad_norm = optax.global_norm(grads)
+    grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # A non-finite step changes nothing (the host stops the run when it sees the flag).
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
@@ -193,10 +193,19 @@ def make_train_step(config):
 
 
 def jit_train_step(config, mesh, state_sharding):
-  step_fn = make_train_step(config)
-  return jax.jit(step_fn,
-                 in_shardings=(state_sharding, sharding_lib.batch_sharding(mesh)),
-                 out_shardings=(state_sharding, sharding_lib.replicated(mesh)),
+  """The jitted, sharded train step (state donated). Cached per (config, mesh), so a resumed or
+  repeated run in the same process reuses the compiled step."""
+  del state_sharding  # derived from (config, mesh); kept in the signature for callers' clarity
+  return _jit_train_step(config_to_json(config), mesh)
+
+
+@functools.lru_cache(maxsize=4)
+def _jit_train_step(config_json: str, mesh):
+  config = config_from_json(config_json)
+  shardings = sharding_lib.state_shardings(abstract_state(config), mesh, config)
+  return jax.jit(make_train_step(config),
+                 in_shardings=(shardings, sharding_lib.batch_sharding(mesh)),
+                 out_shardings=(shardings, sharding_lib.replicated(mesh)),
                  donate_argnums=(0,))
 
 
@@ -436,6 +445,8 @@ def _train_locked(config, workdir, is_main):
                       data_position={"step": step, "seed": config.seed}, force=force)
 
   def grids(step):
+    if not config.train.write_grids:
+      return
     params = host_params(state["ema_params"])
     if is_main:
       paths = write_grids(workdir, step, sample_grids(config, params, grid_images,

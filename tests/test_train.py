@@ -1,0 +1,134 @@
+"""End-to-end training: from `main`, on 8 and 1 devices, in 2 processes, resumed, on CelebA mock data."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from sami_jax import checkpoint as ckpt_lib
+from sami_jax import train
+from tests.test_config import ROOT, load_config
+
+
+def _env(devices):
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["JAX_PLATFORMS"] = "cpu"
+  return env
+
+
+def _main_args(workdir, data_dir, *extra, config="configs/disks.py:test"):
+  return [sys.executable, "-m", "sami_jax.main", f"--config={config}", f"--workdir={workdir}",
+          f"--config.data.data_dir={data_dir}", "--config.train.write_grids=false",
+          "--config.train.probe_at_end=false", *extra]
+
+
+def _metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """The same 4-step run from `main` on 8 fake devices and on 1 device."""
+  base = tmp_path_factory.mktemp("runs")
+  data_dir = str(base / "tfds")
+  out = {"data_dir": data_dir}
+  for devices in (8, 1):
+    wd = str(base / f"dev{devices}")
+    proc = subprocess.run(_main_args(wd, data_dir), env=_env(devices), cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out[devices] = wd
+  return out
+
+
+def test_main_trains_on_8_devices_and_1_device_gives_the_same_loss(runs):
+  m8, m1 = _metrics(runs[8]), _metrics(runs[1])
+  assert [m["step"] for m in m8] == [1, 2, 4] == [m["step"] for m in m1]
+  for a, b in zip(m8, m1):
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+    np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-4)
+  assert all(np.isfinite(m["loss"]) for m in m8)
+  assert m8[-1]["loss"] < m8[0]["loss"] * 1.5  # it trains, it does not blow up
+  ckpt = ckpt_lib.Checkpointer(os.path.join(runs[8], "checkpoints"), keep_last=10)
+  assert ckpt.latest_step() == 4
+  ckpt.close()
+
+
+def test_two_processes_on_localhost_agree_with_one_process(runs, tmp_path):
+  """jax.distributed over a localhost coordinator: 2 processes x 1 device, data-parallel."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  wd = str(tmp_path / "mp")
+  procs = [subprocess.Popen(_main_args(wd, runs["data_dir"], f"--coordinator_address=127.0.0.1:{port}",
+                                       "--num_processes=2", f"--process_id={i}"),
+                            env=_env(1), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  assert "process 1 of 2" in outs[1][1] or "process 1 of 2" in outs[0][1]
+  mp, single = _metrics(wd), _metrics(runs[1])
+  assert [m["step"] for m in mp] == [m["step"] for m in single]
+  for a, b in zip(mp, single):
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+
+
+def _tiny(data_dir, steps):
+  c = load_config("disks", "test")
+  c.data.data_dir = data_dir
+  c.train.num_steps = steps
+  c.train.ckpt_every = 2
+  c.train.write_grids = False
+  c.train.probe_at_end = False
+  return c
+
+
+def test_resume_is_exact(runs, tmp_path):
+  """4 steps in one go == 2 steps, stop, restore, 2 more: bitwise-identical params."""
+  full, split = str(tmp_path / "full"), str(tmp_path / "split")
+  train.train(_tiny(runs["data_dir"], 4), full)
+  train.train(_tiny(runs["data_dir"], 2), split)
+  summary = train.train(_tiny(runs["data_dir"], 4), split)
+  assert summary["step"] == 4
+  _, p_full, s_full = train.restore_for_inference(None, full)
+  _, p_split, s_split = train.restore_for_inference(None, split)
+  assert s_full == s_split == 4
+  leaves_full = jax.tree.leaves(p_full)
+  leaves_split = jax.tree.leaves(p_split)
+  assert len(leaves_full) == len(leaves_split) > 0
+  for a, b in zip(leaves_full, leaves_split):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # The full run logs the mean loss of steps 3-4 at step 4; the resumed run logs steps 3 and 4
+  # separately (it logs the first step after a restart).
+  m_full = {m["step"]: m["loss"] for m in _metrics(full)}
+  m_split = {m["step"]: m["loss"] for m in _metrics(split)}
+  np.testing.assert_allclose(m_full[4], (m_split[3] + m_split[4]) / 2, rtol=1e-6)
+
+
+def test_celeba_without_data_says_how_to_prepare_it(tmp_path):
+  proc = subprocess.run(_main_args(str(tmp_path / "wd"), str(tmp_path / "empty"),
+                                   config="configs/celeba.py:test"),
+                        env=_env(1), cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0
+  assert "celeb_a" in proc.stderr and "python -m sami_jax.data.celeba" in proc.stderr
+  assert "Traceback" not in proc.stderr
+
+
+def test_celeba_one_step_under_mock_data(tmp_path):
+  c = load_config("celeba", "test")
+  c.data.data_dir = str(tmp_path / "tfds")
+  c.train.write_grids = False
+  with tfds.testing.mock_data(num_examples=16):
+    summary = train.train(c, str(tmp_path / "wd"))
+  assert summary["step"] == 1
+  m = _metrics(str(tmp_path / "wd"))
+  assert np.isfinite(m[-1]["loss"]) and m[-1]["kl"] >= 0
