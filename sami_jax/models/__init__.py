@@ -1,0 +1,60 @@
+"""Models: the denoiser U-Net and the encoder, built and initialised from a config."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from sami_jax.models.encoder import Encoder
+from sami_jax.models.unet import UNet
+
+__all__ = ["UNet", "Encoder", "build_models", "init_params", "count_params", "compute_dtype"]
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(name: str) -> Any:
+  """'float32' | 'bfloat16' -> the jnp dtype; ValueError otherwise."""
+  if name not in _DTYPES:
+    raise ValueError(f"config.model.dtype={name!r} is not one of {list(_DTYPES)}.")
+  return _DTYPES[name]
+
+
+def build_models(config) -> tuple[UNet, Encoder]:
+  """(denoiser, encoder) modules from config.model.{denoiser,encoder,dtype} and data.channels."""
+  dt = compute_dtype(config.model.dtype)
+  u, e = config.model.denoiser, config.model.encoder
+  denoiser = UNet(
+      ch=u.ch, ch_mult=tuple(u.ch_mult), num_res_blocks=u.num_res_blocks,
+      attn_resolutions=tuple(u.attn_resolutions), dropout=u.dropout, num_groups=u.num_groups,
+      out_channels=config.data.channels, dtype=dt, remat=u.remat)
+  encoder = Encoder(
+      ch=e.ch, ch_mult=tuple(e.ch_mult), num_res_blocks=e.num_res_blocks,
+      attn_resolutions=tuple(e.attn_resolutions), num_groups=e.num_groups,
+      latent_dim=e.latent_dim, time_conditioning=e.time_conditioning,
+      scale_param=e.scale_param, min_std=e.min_std, max_std=e.max_std, dtype=dt)
+  return denoiser, encoder
+
+
+def init_params(config, rng: jax.Array) -> dict[str, Any]:
+  """{"denoiser": params, "encoder": params} (float32), from a [1, S, S, C] dummy input.
+
+  Pure in `rng`: usable under jax.jit / jax.eval_shape (e.g. with out_shardings).
+  """
+  denoiser, encoder = build_models(config)
+  s, c = config.data.image_size, config.data.channels
+  x = jnp.zeros((1, s, s, c), jnp.float32)
+  t = jnp.zeros((1,), jnp.float32)
+  rng_d, rng_e = jax.random.split(rng)
+  den = denoiser.init({"params": rng_d}, x, t, train=False)["params"]
+  enc = encoder.init({"params": rng_e}, x, t if config.model.encoder.time_conditioning else None,
+                     train=False)["params"]
+  return {"denoiser": den, "encoder": enc}
+
+
+def count_params(tree) -> int:
+  """Total number of elements in a pytree of arrays (or of jax.ShapeDtypeStruct)."""
+  return int(sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(tree)))

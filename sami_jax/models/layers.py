@@ -1,0 +1,236 @@
+"""Building blocks shared by the denoiser U-Net and the encoder.
+
+Everything is NHWC and per-example: there is no BatchNorm and no other op that mixes examples, so
+the gradient of a batch-summed quantity w.r.t. example i's input depends on example i alone (the
+SAMI guidance score relies on this). Parameters are always float32; `dtype` is the compute dtype.
+Non-linearities are smooth (SiLU) because the encoder is differentiated twice.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import chex
+import einops
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# The last conv of every residual branch and the output convs start at zero: each residual block
+# is the identity at init, which keeps deep stacks well-conditioned (as in DDPM / ADM).
+zeros_init = nn.initializers.zeros
+
+
+def safe_num_groups(channels: int, num_groups: int) -> int:
+  """The largest group count <= `num_groups` that divides `channels` (at least 1).
+
+  Lets any channel count (e.g. 1 or 3 input channels, or widths not divisible by the configured
+  group count) go through GroupNorm without a shape error.
+  """
+  if channels < 1 or num_groups < 1:
+    raise ValueError(f"GroupNorm needs channels >= 1 and num_groups >= 1, got channels={channels}, "
+                     f"num_groups={num_groups}.")
+  for g in range(min(num_groups, channels), 0, -1):
+    if channels % g == 0:
+      return g
+  return 1  # unreachable: g = 1 always divides.
+
+
+class GroupNorm(nn.Module):
+  """GroupNorm over (H, W, channels-in-group) of each example, with a safe group count.
+
+  Statistics are computed in float32 with the two-pass variance (not E[x^2] - E[x]^2), which
+  stays accurate for large activations and under bfloat16 compute.
+  """
+  num_groups: int = 8
+  dtype: Dtype = jnp.float32
+  epsilon: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [B, ..., C] -> [B, ..., C] in `dtype`."""
+    g = safe_num_groups(x.shape[-1], self.num_groups)
+    return nn.GroupNorm(num_groups=g, epsilon=self.epsilon, dtype=self.dtype,
+                        param_dtype=jnp.float32, use_fast_variance=False)(x)
+
+
+def sinusoidal_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+  """Sinusoidal features of continuous time, as in DDPM / Transformer position encodings.
+
+  Args:
+    t: [B] float times in [0, 1]; embedded as `1000 * t` so that the frequencies match a T=1000
+      discrete schedule (the usual convention, and what a pre-trained DDPM expects).
+    dim: embedding size (odd sizes get one zero-padded feature).
+    max_period: the longest period, in units of `1000 * t`.
+
+  Returns:
+    [B, dim] float32.
+  """
+  chex.assert_rank(t, 1)
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / max(half, 1))
+  args = 1000.0 * t.astype(jnp.float32)[:, None] * freqs[None, :]
+  emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+  if dim % 2:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+class TimeEmbedding(nn.Module):
+  """t [B] -> sinusoidal(1000 t) -> Dense -> SiLU -> Dense: [B, dim] in `dtype`."""
+  dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, t: jax.Array) -> jax.Array:
+    chex.assert_rank(t, 1)
+    base = max(self.dim // 4, 2)  # the sinusoid size; the MLP widens it to `dim`
+    h = sinusoidal_embedding(t, base).astype(self.dtype)
+    h = nn.Dense(self.dim, dtype=self.dtype, param_dtype=jnp.float32, name="dense_0")(h)
+    h = nn.silu(h)
+    h = nn.Dense(self.dim, dtype=self.dtype, param_dtype=jnp.float32, name="dense_1")(h)
+    return h
+
+
+def conv3x3(features: int, dtype: Dtype, name: str | None = None, strides: int = 1,
+            zero: bool = False) -> nn.Conv:
+  return nn.Conv(features, (3, 3), strides=(strides, strides), padding="SAME", dtype=dtype,
+                 param_dtype=jnp.float32, kernel_init=zeros_init if zero else
+                 nn.linear.default_kernel_init, name=name)
+
+
+class ResBlock(nn.Module):
+  """GN -> SiLU -> Conv3x3 (+ time proj) -> GN [-> cond scale/shift] -> SiLU -> Dropout -> Conv3x3.
+
+  The last conv is zero-initialised (the block is the identity at init); a 1x1 conv maps the skip
+  path when the channel count changes. `cond`, if given, modulates the second GroupNorm output
+  as `h * (1 + scale) + shift` (adaptive group norm, as in Diffusion Autoencoders).
+
+  Call with positional arguments `(x, temb, cond, train)` so that `nn.remat` can treat `train`
+  as static (`static_argnums=(4,)`, counting `self`).
+  """
+  out_ch: int
+  num_groups: int = 8
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, temb: jax.Array | None = None,
+               cond: jax.Array | None = None, train: bool = False) -> jax.Array:
+    """x: [B, H, W, C_in]; temb: [B, D_t] or None; cond: [B, D_c] or None -> [B, H, W, out_ch]."""
+    chex.assert_rank(x, 4)
+    b = x.shape[0]
+    x = x.astype(self.dtype)
+    h = nn.silu(GroupNorm(self.num_groups, self.dtype, name="norm_0")(x))
+    h = conv3x3(self.out_ch, self.dtype, name="conv_0")(h)
+    if temb is not None:
+      chex.assert_rank(temb, 2)
+      chex.assert_axis_dimension(temb, 0, b)
+      proj = nn.Dense(self.out_ch, dtype=self.dtype, param_dtype=jnp.float32,
+                      name="temb_proj")(nn.silu(temb.astype(self.dtype)))
+      h = h + proj[:, None, None, :]
+    h = GroupNorm(self.num_groups, self.dtype, name="norm_1")(h)
+    if cond is not None:
+      chex.assert_rank(cond, 2)
+      chex.assert_axis_dimension(cond, 0, b)
+      ss = nn.Dense(2 * self.out_ch, dtype=self.dtype, param_dtype=jnp.float32,
+                    name="cond_proj")(nn.silu(cond.astype(self.dtype)))
+      scale, shift = jnp.split(ss[:, None, None, :], 2, axis=-1)
+      h = h * (1.0 + scale) + shift
+    h = nn.silu(h)
+    h = nn.Dropout(self.dropout)(h, deterministic=not train)
+    h = conv3x3(self.out_ch, self.dtype, name="conv_1", zero=True)(h)
+    if x.shape[-1] != self.out_ch:
+      x = nn.Conv(self.out_ch, (1, 1), dtype=self.dtype, param_dtype=jnp.float32,
+                  name="skip")(x)
+    out = x + h
+    chex.assert_shape(out, (b, *x.shape[1:3], self.out_ch))
+    return out
+
+
+class AttentionBlock(nn.Module):
+  """Residual multi-head self-attention over the H*W positions of each example.
+
+  GN -> 1x1 qkv -> softmax(q k^T / sqrt(d)) v -> zero-initialised 1x1 out projection -> + x.
+  The logits and the softmax are computed in float32 (bfloat16 logits lose the small
+  differences that decide the attention weights).
+  """
+  num_heads: int = 1
+  num_groups: int = 8
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [B, H, W, C] -> [B, H, W, C] in `dtype`. C must be divisible by num_heads."""
+    chex.assert_rank(x, 4)
+    b, hh, ww, c = x.shape
+    if c % self.num_heads:
+      raise ValueError(f"AttentionBlock: {c} channels are not divisible by num_heads="
+                       f"{self.num_heads}; choose a head count that divides the width.")
+    x = x.astype(self.dtype)
+    h = GroupNorm(self.num_groups, self.dtype, name="norm")(x)
+    qkv = nn.Dense(3 * c, dtype=self.dtype, param_dtype=jnp.float32, name="qkv")(h)
+    q, k, v = jnp.split(qkv, 3, axis=-1)
+    q, k, v = (einops.rearrange(a, "b h w (n d) -> b n (h w) d", n=self.num_heads)
+               for a in (q, k, v))
+    d = c // self.num_heads
+    logits = jnp.einsum("bnqd,bnkd->bnqk", q.astype(jnp.float32), k.astype(jnp.float32))
+    weights = jax.nn.softmax(logits / math.sqrt(d), axis=-1)
+    out = jnp.einsum("bnqk,bnkd->bnqd", weights, v.astype(jnp.float32)).astype(self.dtype)
+    out = einops.rearrange(out, "b n (h w) d -> b h w (n d)", h=hh, w=ww)
+    out = nn.Dense(c, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=zeros_init,
+                   name="out")(out)
+    return x + out
+
+
+class Downsample(nn.Module):
+  """Strided 3x3 conv: [B, H, W, C] -> [B, H/2, W/2, C]."""
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    chex.assert_rank(x, 4)
+    b, hh, ww, c = x.shape
+    out = conv3x3(c, self.dtype, name="conv", strides=2)(x.astype(self.dtype))
+    chex.assert_shape(out, (b, hh // 2, ww // 2, c))
+    return out
+
+
+class Upsample(nn.Module):
+  """Nearest-neighbour x2 then 3x3 conv: [B, H, W, C] -> [B, 2H, 2W, C]."""
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    chex.assert_rank(x, 4)
+    b, hh, ww, c = x.shape
+    x = jnp.repeat(jnp.repeat(x.astype(self.dtype), 2, axis=1), 2, axis=2)
+    out = conv3x3(c, self.dtype, name="conv")(x)
+    chex.assert_shape(out, (b, 2 * hh, 2 * ww, c))
+    return out
+
+
+def as_batch_times(t: jax.Array | float, batch: int) -> jax.Array:
+  """A time argument (scalar or [B]) as a [B] float32 array; raises ValueError on other shapes."""
+  t = jnp.asarray(t, jnp.float32)
+  if t.ndim == 0:
+    return jnp.broadcast_to(t, (batch,))
+  if t.shape != (batch,):
+    raise ValueError(f"t must be a scalar or have shape [B]=({batch},), got {t.shape}.")
+  return t
+
+
+def check_image(x: jax.Array, num_levels: int, who: str) -> None:
+  """Raises ValueError unless x is [B, H, W, C] with H, W divisible by 2**(num_levels-1)."""
+  if x.ndim != 4:
+    raise ValueError(f"{who}: expected an NHWC image batch [B, H, W, C], got shape {x.shape}.")
+  if num_levels < 1:
+    raise ValueError(f"{who}: ch_mult needs at least one level, e.g. (1, 2, 2).")
+  factor = 2 ** (num_levels - 1)
+  if x.shape[1] % factor or x.shape[2] % factor:
+    raise ValueError(f"{who}: {num_levels} levels downsample by {factor}, which does not divide "
+                     f"the image size {x.shape[1]}x{x.shape[2]}; use fewer levels (ch_mult) or "
+                     f"another image size.")
