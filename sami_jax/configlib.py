@@ -17,6 +17,7 @@ TIME_SAMPLINGS = ("uniform", "antithetic", "high_noise")
 BETA_SCHEDULES = ("constant", "linear", "loglinear")
 SCALE_PARAMS = ("softplus", "exp")
 SAMPLERS = ("ddim", "ddpm")
+POOLS = ("flatten", "mean")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -67,6 +68,7 @@ def default_config() -> ml_collections.ConfigDict:
   e.scale_param = "softplus"  # softplus | exp (of a log-variance); the head starts at std ~= 1.
   e.min_std = 1e-3           # floor on the posterior std: bounds the guidance score.
   e.max_std = 10.0
+  e.pool = "flatten"         # flatten | mean: how the last feature map becomes a vector.
 
   # ----------------------------------------------------------- diffusion
   c.diffusion = f = ml_collections.ConfigDict()
@@ -132,6 +134,21 @@ def default_config() -> ml_collections.ConfigDict:
   v.num_recon = 64           # images reconstructed for MSE/PSNR.
   v.export_split = "test"    # --mode=export: the split whose latents are written.
   v.export_format = "npz"   # --mode=export: "npz" or "parquet".
+  # --mode=eval (evaluation/report.py). Its eval.* and sampling.* fields come from the config
+  # given at eval time, everything else from the config saved with the checkpoint.
+  v.step = -1                # checkpoint step to evaluate; -1: the latest.
+  v.sections = "all"         # comma-separated subset of report.SECTIONS, or "all".
+  v.batch_size = 64          # examples per jitted evaluation call (the last batch is padded).
+  v.num_elbo_examples = 256  # test examples in the ELBO (bits/dim) estimate.
+  v.elbo_t_samples = 8       # stratified Monte Carlo samples of t per example for the ELBO.
+  v.num_ablation_examples = 256  # test examples in the guidance ablation (gamma 1 vs 0).
+  v.ablation_buckets = 10    # equal-width buckets of t in the guidance ablation.
+  v.dci_mode = "regression"  # DCI: "regression" (continuous factors) or "classification".
+  v.factorvae_votes = 2000   # FactorVAE score: majority-vote training votes (half as many eval).
+  v.num_video = 100          # disks_video test sequences for the straightness measure.
+  v.num_interpolations = 4   # pairs of test images in the interpolation grid.
+  v.num_fid = 1000           # images per set for FID (reference, reconstructions, samples).
+  v.inception_weights = ""   # FID Inception .npz (see evaluation/inception.py); "": skip FID.
 
   # ---------------------------------------------------------------- mesh
   c.mesh = "data:-1,fsdp:1"  # axis sizes; -1 takes the remaining devices.
@@ -191,6 +208,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None,
   _one_of(c, "objective.beta_schedule", c.objective.beta_schedule, BETA_SCHEDULES)
   _one_of(c, "model.encoder.scale_param", c.model.encoder.scale_param, SCALE_PARAMS)
   _one_of(c, "sampling.sampler", c.sampling.sampler, SAMPLERS)
+  _one_of(c, "model.encoder.pool", c.model.encoder.pool, POOLS)
 
   for field in ("optim.lr", "train.batch_size", "train.num_steps", "train.log_every",
                 "train.ckpt_every", "data.image_size", "data.channels",
@@ -212,8 +230,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None,
       _fail(field, f"must be >= 0, got {obj!r}.")
   if not 0.0 <= c.optim.ema_decay < 1.0:
     _fail("optim.ema_decay", f"must be in [0, 1), got {c.optim.ema_decay}.")
-  if c.model.encoder.max_std <= c.model.encoder.min_std:
-    _fail("model.encoder.max_std", "must be larger than model.encoder.min_std.")
+  if not c.model.encoder.min_std < 1.0 < c.model.encoder.max_std:
+    _fail("model.encoder.min_std", "the posterior std starts at 1, so it needs "
+          f"min_std < 1 < max_std (got {c.model.encoder.min_std}, {c.model.encoder.max_std}).")
   if not 0.0 < c.diffusion.high_noise_power <= 1.0:
     _fail("diffusion.high_noise_power", "must be in (0, 1]; values < 1 oversample high noise.")
   if c.diffusion.logsnr_min >= c.diffusion.logsnr_max:

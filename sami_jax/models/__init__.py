@@ -35,7 +35,8 @@ def build_models(config) -> tuple[UNet, Encoder]:
       ch=e.ch, ch_mult=tuple(e.ch_mult), num_res_blocks=e.num_res_blocks,
       attn_resolutions=tuple(e.attn_resolutions), num_groups=e.num_groups,
       latent_dim=e.latent_dim, time_conditioning=e.time_conditioning,
-      scale_param=e.scale_param, min_std=e.min_std, max_std=e.max_std, dtype=dt)
+      scale_param=e.scale_param, min_std=e.min_std, max_std=e.max_std, dtype=dt,
+      pool=e.pool)
   return denoiser, encoder
 
 

@@ -100,7 +100,8 @@ class Encoder(nn.Module):
   """q_phi(z | x): x [B, H, W, C] (and t [B] if time_conditioning) -> (mean, std), [B, d] each.
 
   conv_in -> per level: num_res_blocks ResBlocks (+ attention at attn_resolutions), downsample
-  between levels -> GroupNorm -> SiLU -> global mean pool -> Dense -> SiLU -> mean / std heads.
+  between levels -> GroupNorm -> SiLU -> flatten (or global mean pool) -> Dense -> SiLU -> mean /
+  std heads.
   The heads run in float32 whatever `dtype` is (std enters the guidance as 1 / std^2).
 
   Attributes:
@@ -113,6 +114,8 @@ class Encoder(nn.Module):
     mean_init_scale: variance scale of the mean head's init (modest: mean depends on x at init
       without starting far from the prior).
     num_heads: attention heads.
+    pool: "flatten" keeps the spatial layout of the last feature map (so where things are can be
+      encoded: Disks' centre x and y); "mean" pools it away (translation invariant features).
   """
   ch: int = 32
   ch_mult: tuple = (1, 2, 2)
@@ -127,6 +130,7 @@ class Encoder(nn.Module):
   dtype: Any = jnp.float32
   mean_init_scale: float = 0.1
   num_heads: int = 1
+  pool: str = "flatten"
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array | None = None, *,
@@ -172,8 +176,13 @@ class Encoder(nn.Module):
         h = layers.Downsample(dt, name=f"down_{i}_downsample")(h)
 
     h = nn.silu(layers.GroupNorm(self.num_groups, dt, name="norm_out")(h))
-    h = jnp.mean(h.astype(jnp.float32), axis=(1, 2))  # [B, C_last], per-example pooling
     width = h.shape[-1]
+    if self.pool == "mean":
+      h = jnp.mean(h.astype(jnp.float32), axis=(1, 2))  # [B, C_last], per-example pooling
+    elif self.pool == "flatten":
+      h = h.astype(jnp.float32).reshape((h.shape[0], -1))  # [B, H' * W' * C_last]
+    else:
+      raise ValueError(f"Encoder.pool={self.pool!r}: use 'flatten' or 'mean'.")
     h = nn.silu(nn.Dense(width, dtype=jnp.float32, param_dtype=jnp.float32, name="hidden")(h))
     mean = nn.Dense(self.latent_dim, dtype=jnp.float32, param_dtype=jnp.float32,
                     kernel_init=nn.initializers.variance_scaling(
