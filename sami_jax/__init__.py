@@ -1,3 +1,29 @@
-"""sami_jax: SAMI (score-based autoencoder for multiscale inference) in JAX/Flax."""
+"""sami_jax: SAMI (score-based autoencoder for multiscale inference) in JAX/Flax.
+
+    import sami_jax
+    model = sami_jax.load("/path/to/workdir")   # see sami_jax.api
+
+`load` and `Model` are imported on first use, so `import sami_jax` stays cheap (no JAX import).
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 __version__ = "0.1.0"
+
+_LAZY = {"load": "sami_jax.api", "Model": "sami_jax.api"}
+
+
+def __getattr__(name: str) -> Any:
+  # PEP 562: resolved on first access only, so importing the package does not import JAX.
+  if name in _LAZY:
+    import importlib  # pylint: disable=g-import-not-at-top
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+  raise AttributeError(f"module 'sami_jax' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+  return sorted(list(globals()) + list(_LAZY))
