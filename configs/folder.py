@@ -30,23 +30,7 @@ def get_config(arg: str | None = None):
   c.train.probe_at_end = False
   variant = arg or "cpu"
   if variant == "cpu":
-    c.model.denoiser.ch = 32
-    c.model.denoiser.ch_mult = (1, 2, 2)
-    c.model.denoiser.num_res_blocks = 1
-    c.model.denoiser.attn_resolutions = ()
-    c.model.encoder.ch = 16
-    c.model.encoder.ch_mult = (1, 2, 2, 2)
-    c.model.encoder.num_res_blocks = 1
-    c.train.batch_size = 64
-    c.train.num_steps = 3000
-    c.train.log_every = 100
-    c.train.ckpt_every = 1000
-    c.train.sample_every = 0
-    c.train.num_sample_images = 8
-    c.optim.lr = 1e-3
-    c.optim.warmup_steps = 100
-    c.objective.beta_warmup_steps = 2000
-    c.sampling.steps = 25
+    configlib.use_cpu_sizes(c)
   elif variant == "gpu":
     c.data.image_size = 64
     c.data.num_workers = 4  # decoding is done once at build time; workers only slice arrays
@@ -63,28 +47,9 @@ def get_config(arg: str | None = None):
     c.train.sample_every = 5000
     c.objective.beta_warmup_steps = 10000
   elif variant == "test":
-    c.data.image_size = 8
+    configlib.use_tiny_sizes(c)
     c.model.encoder.latent_dim = 3
-    # One resolution level, no attention: the smallest graph, so compiling is quick.
-    c.model.denoiser.ch = 8
-    c.model.denoiser.ch_mult = (1,)
-    c.model.denoiser.num_res_blocks = 1
-    c.model.denoiser.attn_resolutions = ()
-    c.model.denoiser.num_groups = 4
-    c.model.encoder.ch = 8
-    c.model.encoder.ch_mult = (1,)
-    c.model.encoder.num_groups = 4
-    c.train.batch_size = 8
-    c.train.num_steps = 4
-    c.train.log_every = 2
-    c.train.ckpt_every = 2
-    c.train.sample_every = 0
-    c.train.num_sample_images = 4
     c.train.write_grids = False  # the example script makes its own figure
-    c.sampling.steps = 3
-    c.sampling.traverse_points = 3
-    c.eval.num_examples = 64
-    c.optim.warmup_steps = 1
   else:
     raise ValueError(f"Unknown variant {variant!r} of configs/folder.py: use 'cpu' (the "
                      "default), 'gpu' or 'test'.")

@@ -157,6 +157,50 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
+def use_cpu_sizes(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Model, optimizer and cadence sized to train in minutes on a 2-core CPU (the `cpu` variants).
+
+  A small U-Net without attention, a light encoder, batch 32, a high learning rate; the "elbo"
+  weighting, which puts more weight on the high noise levels where the latent is what tells the
+  denoiser where things are (with "simple" the position factors of Disks were learned far slower).
+  """
+  u, e = c.model.denoiser, c.model.encoder
+  u.ch, u.ch_mult, u.num_res_blocks, u.attn_resolutions = 16, (1, 2, 2), 1, ()
+  e.ch, e.ch_mult, e.num_res_blocks = 16, (1, 2, 2), 1
+  c.diffusion.weighting = "elbo"
+  c.train.batch_size = 32
+  c.train.num_steps = 3000
+  c.train.log_every = 100
+  c.train.ckpt_every = 1000
+  c.train.sample_every = 0
+  c.train.num_sample_images = 8
+  c.optim.lr = 1e-3
+  c.optim.warmup_steps = 100
+  c.objective.beta_warmup_steps = 2000
+  c.sampling.steps = 25
+  return c
+
+
+def use_tiny_sizes(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The smallest graph (one resolution level, no attention, 8x8): the tests' `test` variants,
+  so the many end-to-end tests compile quickly (the model tests cover downsampling/attention)."""
+  u, e = c.model.denoiser, c.model.encoder
+  c.data.image_size = 8
+  u.ch, u.ch_mult, u.num_res_blocks, u.attn_resolutions, u.num_groups = 8, (1,), 1, (), 4
+  e.ch, e.ch_mult, e.num_groups = 8, (1,), 4
+  c.train.batch_size = 8
+  c.train.num_steps = 4
+  c.train.log_every = 2
+  c.train.ckpt_every = 2
+  c.train.sample_every = 0
+  c.train.num_sample_images = 4
+  c.sampling.steps = 3
+  c.sampling.traverse_points = 3
+  c.eval.num_examples = 64
+  c.optim.warmup_steps = 1
+  return c
+
+
 def _fail(field: str, msg: str):
   raise ConfigError(f"config.{field}: {msg}")
 

@@ -236,9 +236,7 @@ def _sampling_kwargs(config, schedule):
 def encode_dataset(config, params, split: str, num_examples: int, batch_size: int = 256):
   """Posterior means and stds (and factors/attributes if present) of the first `num_examples`
   examples of a split, computed on this process's devices. Returns dict of numpy arrays."""
-  _, encoder, _ = components(config)
-  tc = config.model.encoder.time_conditioning
-  enc = jax.jit(lambda p, x: samplers.encode(encoder, p, x, time_conditioning=tc))
+  enc = _jitted_encoder(config_to_json(config))
   out: dict[str, list] = {}
   for batch in pipeline.eval_iterator(config, split, batch_size, num_examples=num_examples):
     mask = np.asarray(batch["mask"], bool)
@@ -249,6 +247,13 @@ def encode_dataset(config, params, split: str, num_examples: int, batch_size: in
       if key in batch:
         out.setdefault(key, []).append(np.asarray(batch[key])[mask])
   return {k: np.concatenate(v) for k, v in out.items()}
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_encoder(config_json: str):
+  _, encoder, _ = _components(config_json)
+  tc = json.loads(config_json)["model"]["encoder"]["time_conditioning"]
+  return jax.jit(lambda p, x: samplers.encode(encoder, p, x, time_conditioning=tc))
 
 
 def first_images(config, split: str, n: int) -> np.ndarray:

@@ -24,6 +24,15 @@ def test_shipped_configs_validate(name, arg):
   configlib.validate(load_config(name, arg), num_devices=8)
 
 
+@pytest.mark.parametrize("arg", [None, "cpu", "gpu", "test"])
+def test_folder_configs_validate_once_given_a_folder(arg):
+  c = load_config("folder", arg)
+  with pytest.raises(configlib.ConfigError, match="data.folder"):
+    configlib.validate(c, num_devices=8)
+  c.data.folder = "/some/images"
+  configlib.validate(c, num_devices=8)
+
+
 def test_frozen_config_needs_a_checkpoint():
   c = load_config("celeba_frozen")
   with pytest.raises(configlib.ConfigError, match="denoiser_checkpoint"):
