@@ -124,9 +124,30 @@ def _main(argv):
     logging.info("Wrote %s", out)
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, except that a --config.x=... naming no config field is reported in one
+  line (config_flags raises a bare AttributeError/KeyError for it, which absl would show as a
+  stack trace)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:  # absl's own wording for bad values, e.g. a non-integer
+    print(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help on flags.",
+          file=sys.stderr)
+    sys.exit(1)
+  except (AttributeError, KeyError) as e:
+    cause = e.args[0] if e.args else e
+    while isinstance(cause, (AttributeError, KeyError)) and cause.args:
+      cause = cause.args[0]  # config_flags wraps the KeyError that holds the message
+    text = " ".join(str(cause).replace("'", "").split())
+    given = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+    print(f"Error: unknown config field: {text} (in {', '.join(given)}; every field is defined "
+          "in sami_jax/configlib.py).", file=sys.stderr)
+    sys.exit(2)
+
+
 def run():
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,10 @@ def make_mesh(config, devices=None) -> Mesh:
   sizes = configlib.parse_mesh(config.mesh, len(devices))
   shape = (sizes["data"], sizes["fsdp"])
   if devices == list(jax.devices()):
-    return jax.make_mesh(shape, ("data", "fsdp"), devices=devices)
+    # Auto axes: XLA propagates shardings (jax.make_mesh defaults to Explicit axes, under which
+    # a conv of a batch-sharded input with an fsdp-sharded kernel is a ShardingTypeError).
+    return jax.make_mesh(shape, ("data", "fsdp"), devices=devices,
+                         axis_types=(jax.sharding.AxisType.Auto,) * 2)
   return Mesh(np.asarray(devices).reshape(shape), ("data", "fsdp"))
 
 

@@ -427,6 +427,12 @@ def _train_locked(config, workdir, is_main):
       logging.warning("The checkpoint was trained with seed %s, this config says %s: the data "
                       "order changes from here.", data_pos.get("seed"), config.seed)
   else:
+    frozen_from = config.model.denoiser_checkpoint
+    if config.model.kind == "sami_frozen" and not os.path.isdir(frozen_from):
+      # Checked before the state is compiled, so a typo costs seconds, not a compilation.
+      raise FileNotFoundError(
+          f"config.model.denoiser_checkpoint={frozen_from!r} does not exist; point it at the "
+          "workdir (or checkpoints/ folder) of a trained ddpm run.")
     state, _ = create_sharded_state(config, mesh)
     start_step = 0
     if config.model.kind == "sami_frozen":
@@ -462,37 +468,45 @@ def _train_locked(config, workdir, is_main):
   history: list[tuple[int, dict]] = []
   step = start_step
   preempted = False
-  with _Preemption() as preemption:
-    while step < config.train.num_steps:
-      batch = sharding_lib.global_batch(next(data_iter), mesh)
-      state, metrics = step_fn(state, batch)
-      history.append((step, metrics))
-      step += 1
-      last = step == config.train.num_steps
-      if step % config.train.log_every == 0 or last or step == start_step + 1:
-        fetched = [(s, jax.device_get(m)) for s, m in history]
-        history = []
-        _check_finite(fetched)
-        mean = {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[0][1]
-                if k != "finite"}
-        mean["steps_per_sec"] = progress.rate(step)
-        writer.write_scalars(step, mean)
-        if is_main:
-          logging.info(progress.line(step, {k: mean[k] for k in
-                                            ("loss", "diffusion", "mse_uncond", "kl",
-                                             "guidance_norm", "posterior_std")}))
-      stop = preemption.requested
-      if jax.process_count() > 1 and step % config.train.log_every == 0:
-        stop = bool(np.any(multihost_utils.process_allgather(np.array(stop))))
-      if stop:
-        preempted = True
-        break
-      if step % config.train.ckpt_every == 0 and not last:
-        save(step)
-      if config.train.sample_every and step % config.train.sample_every == 0 and not last:
-        grids(step)
-  fetched = [(s, jax.device_get(m)) for s, m in history]
-  _check_finite(fetched)
+  try:
+    with _Preemption() as preemption:
+      while step < config.train.num_steps:
+        batch = sharding_lib.global_batch(next(data_iter), mesh)
+        state, metrics = step_fn(state, batch)
+        history.append((step, metrics))
+        step += 1
+        last = step == config.train.num_steps
+        if step % config.train.log_every == 0 or last or step == start_step + 1:
+          fetched = [(s, jax.device_get(m)) for s, m in history]
+          history = []
+          _check_finite(fetched)
+          mean = {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[0][1]
+                  if k != "finite"}
+          mean["steps_per_sec"] = progress.rate(step)
+          writer.write_scalars(step, mean)
+          if is_main:
+            logging.info(progress.line(step, {k: mean[k] for k in
+                                              ("loss", "diffusion", "mse_uncond", "kl",
+                                               "guidance_norm", "posterior_std")}))
+        stop = preemption.requested
+        if jax.process_count() > 1 and step % config.train.log_every == 0:
+          stop = bool(np.any(multihost_utils.process_allgather(np.array(stop))))
+        if stop:
+          preempted = True
+          break
+        if step % config.train.ckpt_every == 0 and not last:
+          save(step)
+        if config.train.sample_every and step % config.train.sample_every == 0 and not last:
+          grids(step)
+    fetched = [(s, jax.device_get(m)) for s, m in history]
+    _check_finite(fetched)
+  except BaseException:
+    # A save started before the failure (the last good step) runs in a background thread that
+    # dies with the interpreter: let it commit, so that the checkpoint the error message points
+    # to really is on disk.
+    checkpointer.close()
+    writer.close()
+    raise
   save(step, force=True)
   checkpointer.wait()
   if preempted:
