@@ -186,3 +186,25 @@ def test_mask_excludes_padding_rows():
   mask = jnp.array([True, True, False, False])
   loss_m, _ = loss_fn(params, dict(batch, mask=mask), rng, 0)
   np.testing.assert_allclose(loss_m, jnp.mean(terms["diffusion"][:2]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("scale_param", ["softplus", "exp"])
+def test_loss_at_init_is_finite_and_of_order_one_with_the_real_models(scale_param):
+  """The known trap: guidance ~ 1/std^2. With the real encoder (std == 1 at init) the guided loss
+  on unit-variance data is finite and O(1) (an unconstrained log-variance head gave ~1e17)."""
+  from sami_jax import models
+  c = configlib.default_config()
+  c.data.image_size, c.data.channels = 8, 1
+  c.model.denoiser.ch, c.model.denoiser.ch_mult, c.model.denoiser.attn_resolutions = 8, (1, 2), ()
+  c.model.denoiser.num_groups = c.model.encoder.num_groups = 4
+  c.model.encoder.ch, c.model.encoder.ch_mult = 8, (1, 2)
+  c.model.encoder.scale_param = scale_param
+  den, enc = models.build_models(c)
+  params = models.init_params(c, jax.random.PRNGKey(0))
+  x = jax.random.normal(jax.random.PRNGKey(1), (16, 8, 8, 1))  # unit variance
+  loss, terms = jax.jit(objective.make_loss_fn(c, den, enc))(params, {"image": x},
+                                                             jax.random.PRNGKey(2), 0)
+  assert np.isfinite(float(loss))
+  assert 0.5 < float(loss) < 2.0, float(loss)
+  assert np.all(np.isfinite(terms["guidance_norm"]))
+  np.testing.assert_allclose(terms["posterior_std"], 1.0, rtol=1e-6)
