@@ -73,10 +73,21 @@ def _error_line(stderr: str) -> str:
   return lines[-1]
 
 
-def _assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
-  """Exit code 2, one `Error:` line containing every fragment, and no stack trace."""
+def _assert_user_error(proc: subprocess.CompletedProcess, *fragments: str,
+                       orbax_noise: bool = False) -> str:
+  """Exit code 2, one `Error:` line containing every fragment, and no stack trace.
+
+  orbax_noise: after reading a damaged checkpoint, Orbax/tensorstore threads may print
+  "Event loop is closed" tracebacks of their own (timing-dependent, harmless); allow those, but
+  still no traceback through sami_jax's code.
+  """
   assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
-  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  if orbax_noise:
+    assert "sami_jax/" not in "".join(
+        line for line in proc.stderr.splitlines(True) if line.lstrip().startswith("File ")), (
+            proc.stderr[-3000:])
+  else:
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
   line = _error_line(proc.stderr)
   for fragment in fragments:
     assert fragment in line, (fragment, line)
@@ -184,7 +195,7 @@ def test_damaged_latest_checkpoint_falls_back_and_keeps_the_intact_one(shared, b
   failed = _run(shared, wd, "--config.objective.test_inject_nan_step=3",
                 "--config.train.ckpt_every=2", "--config.train.num_steps=4",
                 "--config.train.keep_ckpts=1")
-  _assert_user_error(failed, "step 3")
+  _assert_user_error(failed, "step 3", orbax_noise=True)
   assert "Resumed from step 2" in failed.stderr
   assert re.search(r"[Cc]heckpoint for step 4 .*(damaged|unreadable)", failed.stderr) or (
       "skipped damaged checkpoint(s) [4]" in failed.stderr), failed.stderr[-3000:]
