@@ -437,7 +437,6 @@ def _train_locked(config, workdir, is_main):
     start_step = 0
     if config.model.kind == "sami_frozen":
       state = _load_pretrained_denoiser(config, state, shardings)
-  denoiser, _, _ = components(config)
   counts = {k: models_lib.count_params(v) for k, v in abstract["params"].items()}
   logging.info("Parameters: %s", counts)
 
