@@ -200,7 +200,18 @@ class LocalBuilder(tfds.core.GeneratorBasedBuilder):
       return None
 
 
-class Disks(LocalBuilder):
+class _RenderedBuilder(LocalBuilder):
+  """A procedurally rendered dataset: train and test splits of config.num_train / num_test
+  examples from `_generate_examples(split, num)`; nothing to download."""
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # Nothing to download.
+    cfg = self.builder_config
+    return {"train": self._generate_examples("train", cfg.num_train),
+            "test": self._generate_examples("test", cfg.num_test)}
+
+
+class Disks(_RenderedBuilder):
   """Single anti-aliased disk on a uniform background, with its ground-truth factors.
 
   Features: image uint8 [H, W, 1]; factors float32 [K] (see the module docstring for names and
@@ -232,12 +243,6 @@ class Disks(LocalBuilder):
         # Records are written in id order so the record index equals `id`.
         disable_shuffling=True,
     )
-
-  def _split_generators(self, dl_manager):
-    del dl_manager  # Nothing to download.
-    cfg = self.builder_config
-    return {"train": self._generate_examples("train", cfg.num_train),
-            "test": self._generate_examples("test", cfg.num_test)}
 
   def _generate_examples(self, split: str, num: int):
     cfg = self.builder_config

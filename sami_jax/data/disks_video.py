@@ -82,7 +82,7 @@ class DisksVideoConfig(tfds.core.BuilderConfig):
                num_train=num_train, num_test=num_test)
 
 
-class DisksVideo(disks.LocalBuilder):
+class DisksVideo(disks._RenderedBuilder):  # pylint: disable=protected-access
   """Sequences of disk frames with smoothly moving factors.
 
   Features: image uint8 [F, H, W, 1]; factors float32 [F, K]; id int32, the sequence's index in
@@ -111,12 +111,6 @@ class DisksVideo(disks.LocalBuilder):
             factor_ranges={k: list(v) for k, v in disks.factor_ranges(cfg.factors, s).items()}),
         disable_shuffling=True,
     )
-
-  def _split_generators(self, dl_manager):
-    del dl_manager  # Nothing to download.
-    cfg = self.builder_config
-    return {"train": self._generate_examples("train", cfg.num_train),
-            "test": self._generate_examples("test", cfg.num_test)}
 
   def _generate_examples(self, split: str, num: int):
     cfg = self.builder_config
