@@ -149,17 +149,17 @@ class Model:
     s = self.config.sampling
     sampler, eta = s.sampler, float(s.eta)
     tc = bool(self.config.model.encoder.time_conditioning)
+    kind = self.config.model.kind
 
     def one_row(params, z, noise_id, row_id, seed, gamma, steps):
+      if kind == "beta_vae":  # a one-shot decoder: no noise, no steps
+        return jnp.clip(denoiser.apply({"params": params["decoder"]}, z[None])[0], -1.0, 1.0)
       base = jax.random.PRNGKey(seed)
       init_key = jax.random.fold_in(jax.random.fold_in(base, _KEY_INIT_NOISE), noise_id)
       step_key = jax.random.fold_in(jax.random.fold_in(base, _KEY_STEP_NOISE), row_id)
       x_init = jax.random.normal(init_key, (1,) + image_shape, jnp.float32)
-      if encoder is None:
-        eps_fn = samplers.unconditional_eps_fn(denoiser, params)
-      else:
-        eps_fn = samplers.conditional_eps_fn(denoiser, encoder, params, z[None], gamma=gamma,
-                                             time_conditioning=tc, schedule=schedule)
+      eps_fn = samplers.eps_fn_for(kind, denoiser, encoder, params, z[None], gamma=gamma,
+                                   time_conditioning=tc, schedule=schedule)
       return samplers.sample(eps_fn, schedule, x_init, step_key, steps=steps, sampler=sampler,
                              eta=eta)[0]
 

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import ml_collections
 
-MODEL_KINDS = ("sami", "sami_frozen", "ddpm")
+MODEL_KINDS = ("sami", "sami_frozen", "ddpm", "beta_vae", "diffae")
+# Kinds whose image model is a diffusion denoiser (beta_vae has a one-shot conv decoder).
+DIFFUSION_KINDS = ("sami", "sami_frozen", "ddpm", "diffae")
+PRIORS = ("normal", "latent_diffusion")
 DATASETS = ("disks", "disks_video", "celeba", "folder")
 SCHEDULES = ("cosine", "linear")
 WEIGHTINGS = ("simple", "elbo")
@@ -46,7 +49,12 @@ def default_config() -> ml_collections.ConfigDict:
 
   # --------------------------------------------------------------- model
   c.model = m = ml_collections.ConfigDict()
-  m.kind = "sami"            # sami | sami_frozen | ddpm
+  # sami: encoder + denoiser, z only through score guidance (joint). sami_frozen: the encoder
+  # alone on a frozen denoiser from a ddpm run. ddpm: the unconditional denoiser alone.
+  # beta_vae: the encoder + a conv decoder (Gaussian likelihood, KL weighted by
+  # objective.vae_beta). diffae: a deterministic encoder (its mean) whose z conditions the U-Net
+  # through adaptive group norm (Diffusion Autoencoders), no KL.
+  m.kind = "sami"
   m.dtype = "float32"        # compute dtype; params stay float32.
   m.denoiser_checkpoint = ""  # sami_frozen: workdir (or checkpoint dir) of a trained ddpm.
   m.denoiser = u = ml_collections.ConfigDict()
@@ -57,6 +65,12 @@ def default_config() -> ml_collections.ConfigDict:
   u.dropout = 0.0
   u.num_groups = 8
   u.remat = False
+  m.decoder = dec = ml_collections.ConfigDict()  # beta_vae only.
+  dec.ch = 32
+  dec.ch_mult = (1, 2, 2)
+  dec.num_res_blocks = 1
+  dec.num_groups = 8
+  dec.obs_std = 0.1          # std of the Gaussian likelihood N(x; decoder(z), obs_std^2 I).
   m.encoder = e = ml_collections.ConfigDict()
   e.ch = 32
   e.ch_mult = (1, 2, 2)
@@ -68,6 +82,7 @@ def default_config() -> ml_collections.ConfigDict:
   e.scale_param = "softplus"  # softplus | exp (of a log-variance); the head starts at std ~= 1.
   e.min_std = 1e-3           # floor on the posterior std: bounds the guidance score.
   e.max_std = 10.0
+  e.init_std = 1.0           # the posterior std of every input at init (exactly).
   e.pool = "flatten"         # flatten | mean: how the last feature map becomes a vector.
 
   # ----------------------------------------------------------- diffusion
@@ -90,6 +105,7 @@ def default_config() -> ml_collections.ConfigDict:
   o.beta_start = 5e-6
   o.beta_end = 1e-3
   o.beta_warmup_steps = 2000  # steps over which beta goes from start to end.
+  o.vae_beta = 4.0           # beta_vae: the (constant) weight of its KL term.
   o.test_inject_nan_step = -1  # testing only: make the loss NaN at this step.
 
   # --------------------------------------------------------------- optim
@@ -127,6 +143,20 @@ def default_config() -> ml_collections.ConfigDict:
   s.use_mean = True          # reconstruct from the posterior mean (else a sample).
   s.traverse_range = 2.0     # traversals span [-r, r] standard deviations of the prior.
   s.traverse_points = 7
+  s.prior = "normal"         # --mode=sample: z ~ N(0, I) ("normal") or the fitted latent
+                             # diffusion model ("latent_diffusion", see latent_prior.*).
+
+  # ------------------------------------------ latent prior (DiffAE-style latent diffusion)
+  # A small MLP diffusion model over the encoded training latents, fitted after training (on
+  # the EMA encoder) when sampling.prior == "latent_diffusion"; saved in workdir/latent_prior/.
+  c.latent_prior = lp = ml_collections.ConfigDict()
+  lp.num_examples = 10000    # training images encoded to fit it.
+  lp.width = 256             # hidden width of the MLP denoiser.
+  lp.depth = 4               # hidden layers.
+  lp.num_steps = 4000        # optimisation steps.
+  lp.batch_size = 256
+  lp.lr = 1e-3
+  lp.sampling_steps = 50     # DDIM steps when sampling latents.
 
   # ---------------------------------------------------------------- eval
   c.eval = v = ml_collections.ConfigDict()
@@ -256,11 +286,15 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None,
   _one_of(c, "model.encoder.scale_param", c.model.encoder.scale_param, SCALE_PARAMS)
   _one_of(c, "sampling.sampler", c.sampling.sampler, SAMPLERS)
   _one_of(c, "model.encoder.pool", c.model.encoder.pool, POOLS)
+  _one_of(c, "sampling.prior", c.sampling.prior, PRIORS)
 
   for field in ("optim.lr", "train.batch_size", "train.num_steps", "train.log_every",
                 "train.ckpt_every", "data.image_size", "data.channels",
                 "model.denoiser.ch", "model.encoder.ch", "model.encoder.latent_dim",
-                "sampling.steps", "model.encoder.min_std", "objective.beta_start"):
+                "sampling.steps", "model.encoder.min_std", "objective.beta_start",
+                "model.decoder.ch", "model.decoder.obs_std", "latent_prior.num_examples",
+                "latent_prior.width", "latent_prior.depth", "latent_prior.num_steps",
+                "latent_prior.batch_size", "latent_prior.lr", "latent_prior.sampling_steps"):
     obj = c
     for part in field.split("."):
       obj = obj[part]
@@ -269,7 +303,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None,
   for field in ("objective.beta_end", "optim.grad_clip", "optim.weight_decay",
                 "optim.warmup_steps", "train.sample_every", "train.keep_every",
                 "diffusion.num_timesteps", "data.num_workers", "sampling.eta",
-                "model.denoiser.dropout"):
+                "model.denoiser.dropout", "objective.vae_beta"):
     obj = c
     for part in field.split("."):
       obj = obj[part]
@@ -277,9 +311,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None,
       _fail(field, f"must be >= 0, got {obj!r}.")
   if not 0.0 <= c.optim.ema_decay < 1.0:
     _fail("optim.ema_decay", f"must be in [0, 1), got {c.optim.ema_decay}.")
-  if not c.model.encoder.min_std < 1.0 < c.model.encoder.max_std:
-    _fail("model.encoder.min_std", "the posterior std starts at 1, so it needs "
-          f"min_std < 1 < max_std (got {c.model.encoder.min_std}, {c.model.encoder.max_std}).")
+  e = c.model.encoder
+  if not e.min_std < e.init_std < e.max_std:
+    _fail("model.encoder.init_std", "the posterior std starts at init_std, so it needs "
+          f"min_std < init_std < max_std (got {e.min_std}, {e.init_std}, {e.max_std}).")
   if not 0.0 < c.diffusion.high_noise_power <= 1.0:
     _fail("diffusion.high_noise_power", "must be in (0, 1]; values < 1 oversample high noise.")
   if c.diffusion.logsnr_min >= c.diffusion.logsnr_max:
@@ -287,7 +322,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None,
   if c.train.keep_ckpts < 1:
     _fail("train.keep_ckpts", "must keep at least 1 checkpoint.")
 
-  for name, sub in (("denoiser", c.model.denoiser), ("encoder", c.model.encoder)):
+  nets = [("denoiser", c.model.denoiser), ("encoder", c.model.encoder)]
+  if c.model.kind == "beta_vae":
+    nets.append(("decoder", c.model.decoder))
+  for name, sub in nets:
     levels = len(sub.ch_mult)
     if levels < 1:
       _fail(f"model.{name}.ch_mult", "needs at least one level, e.g. (1, 2, 2).")

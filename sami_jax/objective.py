@@ -86,9 +86,63 @@ def guided_eps(eps_theta: jax.Array, encode_fn: EncodeFn, x_t: jax.Array, t: jax
   return eps_theta - correction, correction
 
 
+def _batch_mean(per_example: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
+  """Mean over the real rows (batch["mask"], if present, marks them; padding rows count 0)."""
+  mask = batch.get("mask")
+  if mask is None:
+    return jnp.mean(per_example)
+  m = mask.astype(jnp.float32)
+  return jnp.sum(per_example * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def _inject_nan(loss: jax.Array, step: jax.Array, nan_step: int) -> jax.Array:
+  if nan_step >= 0:  # testing only: exercises the NaN guard end to end.
+    return jnp.where(step == nan_step, jnp.nan, loss)
+  return loss
+
+
+def make_vae_loss_fn(config, decoder, encoder
+                     ) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]]:
+  """The beta-VAE baseline's loss, same signature as `make_loss_fn`'s.
+
+  Per example, normalised per pixel (D pixels):
+    [ ||x0 - decoder(z)||^2 / (2 obs_std^2) + vae_beta * KL(q(z|x0) || N(0, I)) ] / D,
+  z = mean + std * eta. params: {"decoder": ..., "encoder": ...}. Terms (each [B]): recon_mse
+  (mean over pixels of (x0 - decoder(z))^2), kl (nats), posterior_std.
+  """
+  obs_var = float(config.model.decoder.obs_std) ** 2
+  vae_beta = float(config.objective.vae_beta)
+  time_conditioning = config.model.encoder.time_conditioning
+  nan_step = config.objective.test_inject_nan_step
+
+  def loss_fn(params, batch, rng, step, *, train: bool = True):
+    del train
+    x0 = batch["image"]
+    chex.assert_rank(x0, 4)
+    b = x0.shape[0]
+    num_pixels = math.prod(x0.shape[1:])
+    t_clean = jnp.zeros((b,), jnp.float32) if time_conditioning else None
+    mean, std = encoder.apply({"params": params["encoder"]}, x0, t_clean)
+    z = mean + std * jax.random.normal(rng, mean.shape, mean.dtype)
+    x_rec = decoder.apply({"params": params["decoder"]}, z)
+    chex.assert_equal_shape((x_rec, x0))
+    sq = jnp.sum((x0 - x_rec) ** 2, axis=(1, 2, 3))
+    kl = kl_to_standard_normal(mean, std)
+    per_example = (0.5 * sq / obs_var + vae_beta * kl) / num_pixels
+    loss = _inject_nan(_batch_mean(per_example, batch), step, nan_step)
+    return loss, {"recon_mse": sq / num_pixels, "kl": kl,
+                  "posterior_std": jnp.mean(std, axis=-1)}
+
+  return loss_fn
+
+
 def make_loss_fn(config, denoiser, encoder, schedule: schedules.Schedule | None = None
                  ) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]]:
   """Builds the pure loss `(params, batch, rng, step, *, train=True) -> (loss, per-example terms)`.
+
+  The diffusion kinds (sami, sami_frozen, ddpm, diffae); "beta_vae" is `make_vae_loss_fn`.
+  diffae: eps_hat = eps_theta(x_t, t, cond=mean(x0)) (deterministic encoder, adaptive group norm,
+  no KL, no guidance).
 
   params: {"denoiser": ..., "encoder": ...}; batch["image"]: [B, H, W, C] in [-1, 1]; an optional
   batch["mask"]: [B] bool marks real rows (padding in evaluation). rng: a key used only for this
@@ -102,6 +156,8 @@ def make_loss_fn(config, denoiser, encoder, schedule: schedules.Schedule | None 
     posterior_std: mean over latent dims of std(x0)
     t: the sampled times
   """
+  if config.model.kind == "beta_vae":
+    return make_vae_loss_fn(config, denoiser, encoder)
   schedule = schedule or schedules.from_config(config)
   kind = config.model.kind
   weighting = config.diffusion.weighting
@@ -125,19 +181,21 @@ def make_loss_fn(config, denoiser, encoder, schedule: schedules.Schedule | None 
     den_params = params["denoiser"]
     if kind == "sami_frozen":
       den_params = jax.lax.stop_gradient(den_params)
+
+    def encode_fn(x, tt):
+      return encoder.apply({"params": params["encoder"]}, x, tt if time_conditioning else None)
+    t_clean = jnp.zeros_like(t) if time_conditioning else None
+
+    cond = encode_fn(x0, t_clean)[0] if kind == "diffae" else None
     eps_theta = denoiser.apply({"params": den_params}, x_t, t, train=train,
-                               rngs={"dropout": rng_drop})
+                               rngs={"dropout": rng_drop}, cond=cond)
     chex.assert_equal_shape((eps_theta, x0))
 
     zeros = jnp.zeros((b,), jnp.float32)
-    if kind == "ddpm":
+    if kind in ("ddpm", "diffae"):
       eps_hat, correction = eps_theta, jnp.zeros_like(eps_theta)
       kl, post_std = zeros, zeros
     else:
-      def encode_fn(x, tt):
-        return encoder.apply({"params": params["encoder"]}, x,
-                             tt if time_conditioning else None)
-      t_clean = jnp.zeros_like(t) if time_conditioning else None
       mean0, std0 = encode_fn(x0, t_clean)
       z = mean0 + std0 * jax.random.normal(rng_z, mean0.shape, mean0.dtype)
       eps_hat, correction = guided_eps(eps_theta, encode_fn, x_t, t, z, sigma, gamma)
@@ -149,15 +207,7 @@ def make_loss_fn(config, denoiser, encoder, schedule: schedules.Schedule | None 
     diffusion = w * sq
     beta = beta_at(config.objective, step)
     per_example = diffusion + beta * kl / num_pixels
-
-    mask = batch.get("mask")
-    if mask is None:
-      loss = jnp.mean(per_example)
-    else:
-      m = mask.astype(jnp.float32)
-      loss = jnp.sum(per_example * m) / jnp.maximum(jnp.sum(m), 1.0)
-    if nan_step >= 0:  # testing only: exercises the NaN guard end to end.
-      loss = jnp.where(step == nan_step, jnp.nan, loss)
+    loss = _inject_nan(_batch_mean(per_example, batch), step, nan_step)
 
     terms = {
         "diffusion": diffusion,

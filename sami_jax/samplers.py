@@ -104,32 +104,54 @@ def unconditional_eps_fn(denoiser, params) -> EpsFn:
   return lambda x, t: denoiser.apply({"params": params["denoiser"]}, x, t, train=False)
 
 
+def adagn_eps_fn(denoiser, params, z: jax.Array) -> EpsFn:
+  """The DiffAE baseline: eps_theta(x_t, t, cond=z), z entering through adaptive group norm."""
+  return lambda x, t: denoiser.apply({"params": params["denoiser"]}, x, t, train=False, cond=z)
+
+
+def eps_fn_for(kind: str, denoiser, encoder, params, z: jax.Array, *, gamma: float = 1.0,
+               time_conditioning: bool = False, schedule: schedules.Schedule) -> EpsFn:
+  """The noise prediction a diffusion kind samples with, given latents z [B, d] (see generate)."""
+  if kind == "beta_vae":
+    raise ValueError("beta_vae is not a diffusion model: decode with its decoder (generate).")
+  if encoder is None or kind == "ddpm":
+    return unconditional_eps_fn(denoiser, params)
+  if kind == "diffae":
+    return adagn_eps_fn(denoiser, params, z)
+  return conditional_eps_fn(denoiser, encoder, params, z, gamma=gamma,
+                            time_conditioning=time_conditioning, schedule=schedule)
+
+
 # ----------------------------------------------------------------------------- SAMI generators
 
 
 @functools.partial(jax.jit, static_argnames=("denoiser", "encoder", "schedule", "steps",
                                              "sampler", "eta", "clip_x0", "time_conditioning",
-                                             "image_shape", "shared_noise"))
+                                             "image_shape", "shared_noise", "kind"))
 def generate(denoiser, encoder, params, z: jax.Array, rng: jax.Array, *,
              schedule: schedules.Schedule, image_shape: tuple[int, int, int],
              gamma: float | jax.Array = 1.0, steps: int = 50, sampler: str = "ddim",
              eta: float = 0.0, clip_x0: bool = True, time_conditioning: bool = False,
-             shared_noise: bool = False) -> jax.Array:
-  """Images generated under the guidance of latents z [B, d] -> [B, H, W, C].
+             shared_noise: bool = False, kind: str = "sami") -> jax.Array:
+  """Images generated from latents z [B, d] -> [B, H, W, C], by model kind:
 
-  encoder=None (or gamma=0) samples the unconditional denoiser. shared_noise=True starts every row
-  from the same noise image, which is what makes traversals and interpolations comparable.
+  sami, sami_frozen: the reverse process under the encoder's score guidance (gamma = 0 samples
+  the denoiser alone). ddpm (or encoder=None): the unconditional denoiser, z only sets B.
+  diffae: the reverse process with z fed to the U-Net (adaptive group norm).
+  beta_vae: the decoder's mean image (one shot; `denoiser` is the ConvDecoder, clipped to [-1, 1]
+  when clip_x0). shared_noise=True starts every row from the same noise image, which is what makes
+  traversals and interpolations comparable.
   """
+  if kind == "beta_vae":
+    x = denoiser.apply({"params": params["decoder"]}, z)
+    return jnp.clip(x, -1.0, 1.0) if clip_x0 else x
   b = z.shape[0]
   rng_init, rng_sample = jax.random.split(rng)
   noise_shape = ((1,) if shared_noise else (b,)) + tuple(image_shape)
   x_init = jax.random.normal(rng_init, noise_shape, jnp.float32)
   x_init = jnp.broadcast_to(x_init, (b,) + tuple(image_shape))
-  if encoder is None:
-    eps_fn = unconditional_eps_fn(denoiser, params)
-  else:
-    eps_fn = conditional_eps_fn(denoiser, encoder, params, z, gamma=gamma,
-                                time_conditioning=time_conditioning, schedule=schedule)
+  eps_fn = eps_fn_for(kind, denoiser, encoder, params, z, gamma=gamma,
+                      time_conditioning=time_conditioning, schedule=schedule)
   return sample(eps_fn, schedule, x_init, rng_sample, steps=steps, sampler=sampler, eta=eta,
                 clip_x0=clip_x0)
 

@@ -39,6 +39,12 @@ from sami_jax.utils import writers as writers_lib
 
 # Purposes folded into the root key, so every stream of randomness is separate and reproducible.
 _RNG_INIT, _RNG_TRAIN, _RNG_SAMPLE = 0, 1, 2
+_RNG_LATENT_PRIOR = 4  # (3 is evaluation/report.py's)
+
+
+# Loss terms shown on the progress line, in this order, when the model kind has them.
+_PROGRESS_TERMS = ("loss", "diffusion", "recon_mse", "mse_uncond", "kl", "guidance_norm",
+                   "posterior_std")
 
 
 class NonFiniteError(FloatingPointError):
@@ -49,7 +55,8 @@ class NonFiniteError(FloatingPointError):
 
 
 def trainable_labels(config, params: dict) -> dict:
-  """Optimizer label per parameter subtree: "denoiser", "encoder" or "frozen"."""
+  """Optimizer label per parameter subtree: its own name ("denoiser", "decoder", "encoder") or
+  "frozen" (the denoiser of sami_frozen, the unused encoder of ddpm)."""
   kind = config.model.kind
   labels = {}
   for name in params:
@@ -81,7 +88,8 @@ def make_optimizer(config, params) -> optax.GradientTransformation:
 
   parts = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
   parts.append(optax.multi_transform(
-      {"denoiser": adam(1.0), "encoder": adam(o.encoder_lr_mult), "frozen": optax.set_to_zero()},
+      {"denoiser": adam(1.0), "decoder": adam(1.0), "encoder": adam(o.encoder_lr_mult),
+       "frozen": optax.set_to_zero()},
       trainable_labels(config, params)))
   return optax.chain(*parts)
 
@@ -230,7 +238,8 @@ def host_params(tree) -> Any:
 def _sampling_kwargs(config, schedule):
   s = config.sampling
   return dict(schedule=schedule, steps=s.steps, sampler=s.sampler, eta=s.eta,
-              gamma=s.guidance_scale, time_conditioning=config.model.encoder.time_conditioning)
+              gamma=s.guidance_scale, time_conditioning=config.model.encoder.time_conditioning,
+              kind=config.model.kind)
 
 
 def encode_dataset(config, params, split: str, num_examples: int, batch_size: int = 256):
@@ -273,7 +282,7 @@ def sample_grids(config, params, images: np.ndarray, rng: jax.Array,
   grids = {}
   if config.model.kind == "ddpm":
     z = jnp.zeros((n, 1))
-    samples = samplers.generate(denoiser, None, params, z, r_prior, image_shape=image_shape,
+    samples = samplers.generate(denoiser, encoder, params, z, r_prior, image_shape=image_shape,
                                 **kw)
     grids["samples"] = images_lib.make_grid(np.asarray(samples), ncol=int(math.sqrt(n)) or 1)
     return grids
@@ -337,11 +346,14 @@ def _load_pretrained_denoiser(config, state, shardings):
   if expected != got:
     raise ValueError(f"The denoiser in {path} does not match config.model.denoiser (its shapes "
                      f"differ); use the same model.denoiser settings as that run.")
-  den = jax.tree.map(lambda a, s: jax.device_put(np.asarray(a), s), params["denoiser"],
-                     shardings["params"]["denoiser"])
+  def put(where):
+    # One device copy per use: the train step donates the state, and XLA refuses to donate one
+    # buffer twice (params and EMA params must not share arrays).
+    return jax.tree.map(lambda a, s: jax.device_put(np.asarray(a), s), params["denoiser"],
+                        shardings[where]["denoiser"])
   state = dict(state)
-  state["params"] = dict(state["params"], denoiser=den)
-  state["ema_params"] = dict(state["ema_params"], denoiser=den)
+  state["params"] = dict(state["params"], denoiser=put("params"))
+  state["ema_params"] = dict(state["ema_params"], denoiser=put("ema_params"))
   # The optimizer state of the frozen subtree is empty (set_to_zero), nothing to reset.
   logging.info("Restored the frozen denoiser from %s.", path)
   return state
@@ -484,9 +496,7 @@ def _train_locked(config, workdir, is_main):
           mean["steps_per_sec"] = progress.rate(step)
           writer.write_scalars(step, mean)
           if is_main:
-            logging.info(progress.line(step, {k: mean[k] for k in
-                                              ("loss", "diffusion", "mse_uncond", "kl",
-                                               "guidance_norm", "posterior_std")}))
+            logging.info(progress.line(step, {k: mean[k] for k in _PROGRESS_TERMS if k in mean}))
         stop = preemption.requested
         if jax.process_count() > 1 and step % config.train.log_every == 0:
           stop = bool(np.any(multihost_utils.process_allgather(np.array(stop))))
@@ -549,9 +559,52 @@ def restore_for_inference(config, workdir: str, step: int | None = None):
   return run_config, jax.device_get(state["ema_params"]), restored_step
 
 
+def latent_prior_path(workdir: str, step: int) -> str:
+  return os.path.join(workdir, "latent_prior", f"prior_{step:07d}.msgpack")
+
+
+def fitted_latent_prior(cfg, params, workdir: str, step: int):
+  """The latent diffusion prior of a checkpoint: loaded from workdir/latent_prior/, or fitted on
+  the encoded training latents (cfg.latent_prior.num_examples of them) and saved there first.
+  cfg: the run's config with the latent_prior.* fields of the command line."""
+  from sami_jax import latent_prior  # pylint: disable=g-import-not-at-top
+  path = latent_prior_path(workdir, step)
+  d = cfg.model.encoder.latent_dim
+  if os.path.exists(path):
+    logging.info("Using the latent prior in %s.", path)
+    return latent_prior.load(path, d, cfg)
+  t0 = time.time()
+  latents = encode_dataset(cfg, params, "train", cfg.latent_prior.num_examples)["mean"]
+  rng = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), _RNG_LATENT_PRIOR)
+  prior = latent_prior.fit(cfg, latents, rng)
+  if jax.process_index() == 0:
+    latent_prior.save(path, prior)
+  logging.info("Fitted the latent prior on %d training latents in %.1f s (final loss %.4f); "
+               "saved to %s.", len(latents), time.time() - t0, prior.final_loss, path)
+  return prior
+
+
 def sample(config, workdir: str) -> list[str]:
-  """Writes reconstruction / prior / traversal grids for the latest checkpoint."""
+  """Writes reconstruction / prior / traversal grids for the latest checkpoint; with
+  sampling.prior == "latent_diffusion" also samples whose z come from the fitted latent prior."""
+  from sami_jax import latent_prior  # pylint: disable=g-import-not-at-top
   run_config, params, step = restore_for_inference(config, workdir)
+  wants_prior = config.sampling.prior == "latent_diffusion"
+  if wants_prior and run_config.model.kind == "ddpm":
+    raise ValueError("sampling.prior=latent_diffusion needs latents; this run is a ddpm (no "
+                     "encoder). Drop --config.sampling.prior.")
   rng = jax.random.fold_in(jax.random.PRNGKey(run_config.seed), _RNG_SAMPLE)
   images = first_images(run_config, "test", run_config.train.num_sample_images)
-  return write_grids(workdir, step, sample_grids(run_config, params, images, rng))
+  grids = sample_grids(run_config, params, images, rng)
+  if wants_prior:
+    cfg = config_from_json(config_to_json(run_config))
+    cfg.latent_prior = config.latent_prior
+    prior = fitted_latent_prior(cfg, params, workdir, step)
+    n = run_config.train.num_sample_images
+    r_z, r_x = jax.random.split(jax.random.fold_in(rng, _RNG_LATENT_PRIOR))
+    z = latent_prior.sample(cfg, prior, n, r_z)
+    denoiser, encoder, schedule = components(run_config)
+    x = samplers.generate(denoiser, encoder, params, z, r_x, image_shape=tuple(images.shape[1:]),
+                          **_sampling_kwargs(run_config, schedule))
+    grids["latent_prior_samples"] = images_lib.make_grid(np.asarray(x), ncol=n)
+  return write_grids(workdir, step, grids)

@@ -181,7 +181,7 @@ class _Context:
     s = self.config.sampling
     return dict(schedule=self.schedule, steps=s.steps, sampler=s.sampler, eta=s.eta,
                 gamma=s.guidance_scale,
-                time_conditioning=self.config.model.encoder.time_conditioning)
+                time_conditioning=self.config.model.encoder.time_conditioning, kind=self.kind)
 
   def batches(self, split: str, num_examples: int, config=None):
     return pipeline.eval_iterator(config or self.config, split, self.batch_size,
@@ -255,6 +255,14 @@ def _not_applicable(ctx: _Context, name: str) -> str:
                   "straightness", "attributes")
   if name in needs_latent and not ctx.has_latent:
     return "a ddpm run has no encoder, hence no latents and no guidance"
+  if name == "latents" and ctx.kind == "diffae":
+    return "diffae's encoder is deterministic: there is no posterior, hence no KL per latent"
+  if name == "guidance_ablation" and ctx.kind not in ("sami", "sami_frozen"):
+    return f"{ctx.kind} does not use score guidance"
+  if name == "elbo" and ctx.kind not in ("sami", "sami_frozen", "ddpm"):
+    return (f"the diffusion ELBO needs a latent with a posterior (or none, for ddpm); "
+            f"{ctx.kind} is " + ("not a diffusion model" if ctx.kind == "beta_vae" else
+                                 "conditioned on a deterministic latent"))
   if name in ("disentanglement", "straightness") and data != "disks":
     return f"needs ground-truth factors (Disks runs only); this run is on {data!r}"
   if name == "attributes" and data != "celeba":

@@ -8,10 +8,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from sami_jax.models.decoder import ConvDecoder
 from sami_jax.models.encoder import Encoder
 from sami_jax.models.unet import UNet
 
-__all__ = ["UNet", "Encoder", "build_models", "init_params", "count_params", "compute_dtype"]
+__all__ = ["UNet", "Encoder", "ConvDecoder", "build_models", "init_params", "count_params",
+           "compute_dtype", "image_model_key"]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -23,25 +25,43 @@ def compute_dtype(name: str) -> Any:
   return _DTYPES[name]
 
 
-def build_models(config) -> tuple[UNet, Encoder]:
-  """(denoiser, encoder) modules from config.model.{denoiser,encoder,dtype} and data.channels."""
+def image_model_key(config) -> str:
+  """The params key of the image model: "decoder" for beta_vae, "denoiser" for every other kind."""
+  return "decoder" if config.model.kind == "beta_vae" else "denoiser"
+
+
+def build_models(config) -> tuple[UNet | ConvDecoder, Encoder]:
+  """(image model, encoder) modules from config.model.* and data.{image_size,channels}.
+
+  The image model is the denoiser U-Net for the diffusion kinds (conditioned on z through
+  adaptive group norm for "diffae") and the ConvDecoder (config.model.decoder) for "beta_vae".
+  """
   dt = compute_dtype(config.model.dtype)
   u, e = config.model.denoiser, config.model.encoder
-  denoiser = UNet(
-      ch=u.ch, ch_mult=tuple(u.ch_mult), num_res_blocks=u.num_res_blocks,
-      attn_resolutions=tuple(u.attn_resolutions), dropout=u.dropout, num_groups=u.num_groups,
-      out_channels=config.data.channels, dtype=dt, remat=u.remat)
+  if config.model.kind == "beta_vae":
+    dec = config.model.decoder
+    denoiser = ConvDecoder(
+        image_size=config.data.image_size, channels=config.data.channels, ch=dec.ch,
+        ch_mult=tuple(dec.ch_mult), num_res_blocks=dec.num_res_blocks,
+        num_groups=dec.num_groups, dtype=dt)
+  else:
+    denoiser = UNet(
+        ch=u.ch, ch_mult=tuple(u.ch_mult), num_res_blocks=u.num_res_blocks,
+        attn_resolutions=tuple(u.attn_resolutions), dropout=u.dropout, num_groups=u.num_groups,
+        out_channels=config.data.channels, dtype=dt, remat=u.remat,
+        cond_dim=e.latent_dim if config.model.kind == "diffae" else 0)
   encoder = Encoder(
       ch=e.ch, ch_mult=tuple(e.ch_mult), num_res_blocks=e.num_res_blocks,
       attn_resolutions=tuple(e.attn_resolutions), num_groups=e.num_groups,
       latent_dim=e.latent_dim, time_conditioning=e.time_conditioning,
-      scale_param=e.scale_param, min_std=e.min_std, max_std=e.max_std, dtype=dt,
+      scale_param=e.scale_param, min_std=e.min_std, max_std=e.max_std,
+      init_std=e.init_std, dtype=dt,
       pool=e.pool)
   return denoiser, encoder
 
 
 def init_params(config, rng: jax.Array) -> dict[str, Any]:
-  """{"denoiser": params, "encoder": params} (float32), from a [1, S, S, C] dummy input.
+  """{image_model_key: params, "encoder": params} (float32), from a [1, S, S, C] dummy input.
 
   Pure in `rng`: usable under jax.jit / jax.eval_shape (e.g. with out_shardings).
   """
@@ -50,10 +70,18 @@ def init_params(config, rng: jax.Array) -> dict[str, Any]:
   x = jnp.zeros((1, s, s, c), jnp.float32)
   t = jnp.zeros((1,), jnp.float32)
   rng_d, rng_e = jax.random.split(rng)
-  den = denoiser.init({"params": rng_d}, x, t, train=False)["params"]
+  kind = config.model.kind
+  if kind == "beta_vae":
+    z = jnp.zeros((1, config.model.encoder.latent_dim), jnp.float32)
+    den = denoiser.init({"params": rng_d}, z, train=False)["params"]
+  elif kind == "diffae":
+    z = jnp.zeros((1, config.model.encoder.latent_dim), jnp.float32)
+    den = denoiser.init({"params": rng_d}, x, t, train=False, cond=z)["params"]
+  else:
+    den = denoiser.init({"params": rng_d}, x, t, train=False)["params"]
   enc = encoder.init({"params": rng_e}, x, t if config.model.encoder.time_conditioning else None,
                      train=False)["params"]
-  return {"denoiser": den, "encoder": enc}
+  return {image_model_key(config): den, "encoder": enc}
 
 
 def count_params(tree) -> int:

@@ -2,7 +2,8 @@
 
 SAMI's guidance score is grad_x log q_phi(z | x_t), which scales like 1 / std^2, and the whole
 loss is differentiated once more w.r.t. the parameters. So:
-- the std head is zero-initialised and offset so that std == 1 exactly at init, for every input;
+- the std head is zero-initialised and offset so that std == init_std (1 by default) exactly at
+  init, for every input;
 - std is kept inside [min_std, max_std] by a *smooth* bound (no hard clip in the normal range), so
   the bound never zeroes a gradient that matters and the second derivative exists everywhere;
 - every non-linearity is smooth (SiLU, softplus).
@@ -58,15 +59,15 @@ def smooth_bound(v: jax.Array, lo: float, hi: float, k: float = 1.0) -> jax.Arra
 
 
 def std_from_preactivation(h: jax.Array, scale_param: str, min_std: float,
-                           max_std: float) -> jax.Array:
-  """Posterior std in [min_std, max_std] from the std head's raw output h; std == 1 at h == 0.
+                           max_std: float, init_std: float = 1.0) -> jax.Array:
+  """Posterior std in [min_std, max_std] from the std head's raw output h; std == init_std at h == 0.
 
   softplus: std = smooth_bound(h + c, min_std, max_std) ~= min_std + softplus(h + c).
   exp:      h is a log-variance: log std = smooth_bound(h / 2 + c, log min_std, log max_std, 4),
             i.e. std ~= exp(h / 2) away from the bounds.
-  c is chosen in closed form so that h == 0 gives 1, and the float32 rounding of that is removed
-  (below) so that std == 1.0 exactly. A final clip only removes rounding overshoot (~1e-7) at the
-  ends, where the smooth gradient is already ~0; it never acts in the working range.
+  c is chosen in closed form so that h == 0 gives init_std, and the float32 rounding of that is
+  removed (below) so that std == init_std exactly. A final clip only removes rounding overshoot
+  (~1e-7) at the ends, where the smooth gradient is already ~0; it never acts in the working range.
 
   Args:
     h: [B, d] float32 head pre-activations.
@@ -75,24 +76,24 @@ def std_from_preactivation(h: jax.Array, scale_param: str, min_std: float,
   """
   if scale_param not in SCALE_PARAMS:
     raise ValueError(f"Encoder.scale_param={scale_param!r} is not one of {list(SCALE_PARAMS)}.")
-  if not 0.0 < min_std < 1.0 < max_std:
-    raise ValueError(f"Encoder needs 0 < min_std < 1 < max_std so that std can start at 1; got "
-                     f"min_std={min_std}, max_std={max_std}.")
+  if not 0.0 < min_std < init_std < max_std:
+    raise ValueError(f"Encoder needs 0 < min_std < init_std < max_std; got min_std={min_std}, "
+                     f"init_std={init_std}, max_std={max_std}.")
   h = h.astype(jnp.float32)
   if scale_param == "softplus":
-    c = _smooth_bound_offset(1.0, min_std, max_std)
+    c = _smooth_bound_offset(init_std, min_std, max_std)
     f = lambda v: smooth_bound(v, min_std, max_std)
   else:
     lo, hi = math.log(min_std), math.log(max_std)
-    c = _smooth_bound_offset(0.0, lo, hi, _EXP_SHARPNESS)
+    c = _smooth_bound_offset(math.log(init_std), lo, hi, _EXP_SHARPNESS)
     f = lambda v: jnp.exp(smooth_bound(v, lo, hi, _EXP_SHARPNESS))
     h = 0.5 * h  # h is a log-variance
-  # std = 1 + f(h + c) - f(c). Mathematically f(c) == 1, but float32 evaluation of f(c) is off by
+  # std = init_std + f(h + c) - f(c). Mathematically f(c) == init_std, but float32 evaluation of f(c) is off by
   # a few ulps (and XLA constant-folds it differently from the runtime op). Evaluating f(c) in the
   # same elementwise op as f(h + c), from a runtime copy of c (h * 0 + c, not foldable), makes the
   # two round identically, so std == 1.0 bit-exactly at h == 0 under jit, eager, vmap and grad.
   both = f(jnp.stack([h + c, h * 0.0 + c]))
-  std = 1.0 + (both[0] - jax.lax.stop_gradient(both[1]))
+  std = init_std + (both[0] - jax.lax.stop_gradient(both[1]))
   return jnp.clip(std, min_std, max_std)
 
 
@@ -110,6 +111,8 @@ class Encoder(nn.Module):
     time_conditioning: if False the encoder is blind to the noise level and ignores t.
     scale_param: "softplus" or "exp" (see `std_from_preactivation`).
     min_std, max_std: bounds on std (smooth; see `smooth_bound`).
+    init_std: the std of every input at init (exactly; min_std < init_std < max_std). Below 1 the
+      guidance, which scales like 1 / std^2, carries the latent from the first step.
     dtype: compute dtype (params and outputs float32).
     mean_init_scale: variance scale of the mean head's init (modest: mean depends on x at init
       without starting far from the prior).
@@ -127,6 +130,7 @@ class Encoder(nn.Module):
   scale_param: str = "softplus"
   min_std: float = 1e-3
   max_std: float = 10.0
+  init_std: float = 1.0
   dtype: Any = jnp.float32
   mean_init_scale: float = 0.1
   num_heads: int = 1
@@ -151,9 +155,9 @@ class Encoder(nn.Module):
     if self.scale_param not in SCALE_PARAMS:
       raise ValueError(f"Encoder.scale_param={self.scale_param!r} is not one of "
                        f"{list(SCALE_PARAMS)}.")
-    if not 0.0 < self.min_std < 1.0 < self.max_std:
-      raise ValueError(f"Encoder needs 0 < min_std < 1 < max_std so that std can start at 1; got "
-                       f"min_std={self.min_std}, max_std={self.max_std}.")
+    if not 0.0 < self.min_std < self.init_std < self.max_std:
+      raise ValueError(f"Encoder needs 0 < min_std < init_std < max_std; got min_std="
+                       f"{self.min_std}, init_std={self.init_std}, max_std={self.max_std}.")
     b = x.shape[0]
     dt = self.dtype
     temb = None
@@ -188,10 +192,11 @@ class Encoder(nn.Module):
                     kernel_init=nn.initializers.variance_scaling(
                         self.mean_init_scale, "fan_in", "truncated_normal"),
                     name="mean_head")(h)
-    # Zero kernel and bias: the pre-activation is 0 for every input, so std == 1 exactly at init.
+    # Zero kernel and bias: the pre-activation is 0 for every input, so std == init_std at init.
     std_pre = nn.Dense(self.latent_dim, dtype=jnp.float32, param_dtype=jnp.float32,
                        kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros,
                        name="std_head")(h)
-    std = std_from_preactivation(std_pre, self.scale_param, self.min_std, self.max_std)
+    std = std_from_preactivation(std_pre, self.scale_param, self.min_std, self.max_std,
+                                 self.init_std)
     chex.assert_shape([mean, std], (b, self.latent_dim))
     return mean, std

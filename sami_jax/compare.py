@@ -1,0 +1,279 @@
+"""SAMI against its baselines, side by side, on the same data, budget and seed.
+
+  python -m sami_jax.compare --config=configs/disks.py:compare --workdir=DIR [--kinds=...]
+
+Trains every model kind (`--kinds`, default all) in DIR/<kind> with the config's step and batch
+budget and seed: first `ddpm` (the unconditional denoiser, which `sami_frozen` then starts from),
+then `sami`, `sami_frozen`, `beta_vae` and `diffae`. Each is evaluated by the same suite
+(evaluation/report.py: factor R^2, MIG, DCI, SAP, FactorVAE, reconstruction MSE, latent curvature on
+disks_video), and DIR/comparison.{md,json} get one table, DIR/traversals.png one figure with every
+model's latent traversals side by side.
+
+The per-kind settings (`kind_config`) are the only differences between the runs; they are written
+into the table's notes. The command is resumable: a kind whose run is finished (its summary.json
+says so) is not retrained, and an evaluated step is not re-evaluated; a kind interrupted in the
+middle resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Base config, e.g. configs/disks.py:compare.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the runs and the comparison.")
+_KINDS = flags.DEFINE_list("kinds", None, "Model kinds to compare (default: all of KINDS).")
+
+# The order matters: sami_frozen starts from the ddpm run's denoiser.
+KINDS = ("ddpm", "sami", "sami_frozen", "beta_vae", "diffae")
+# The report sections the comparison reads (the rest of the suite does not differ by kind here).
+SECTIONS = "latents,disentanglement,reconstruction,straightness,grids"
+# What changes per kind, on top of the base config (written into the table's notes).
+KIND_NOTES = {
+    "ddpm": "unconditional denoiser (pre-training for sami_frozen); no latent",
+    "sami": "base config",
+    "sami_frozen": "encoder only on the ddpm run's frozen denoiser; lr x 0.5, "
+                   "high-noise time sampling (power 0.5)",
+    "beta_vae": "conv decoder (model.decoder), Gaussian likelihood obs_std "
+                "model.decoder.obs_std, KL weight objective.vae_beta",
+    "diffae": "deterministic encoder, z -> U-Net adaptive group norm; simple loss, uniform t",
+}
+
+
+def kind_config(base, kind: str, workdir: str):
+  """The config of one kind's run: the base config with model.kind and KIND_NOTES' changes."""
+  from sami_jax import train  # pylint: disable=g-import-not-at-top
+  c = train.config_from_json(train.config_to_json(base))
+  c.model.kind = kind
+  if kind == "ddpm":
+    c.train.probe_at_end = False
+  elif kind == "sami_frozen":
+    c.model.denoiser_checkpoint = os.path.join(workdir, "ddpm")
+    c.optim.lr = base.optim.lr * 0.5
+    c.diffusion.time_sampling = "high_noise"
+    c.diffusion.high_noise_power = 0.5
+  elif kind == "diffae":
+    c.diffusion.weighting = "simple"
+    c.diffusion.time_sampling = "uniform"
+  c.eval.sections = SECTIONS
+  return c
+
+
+def _finished(run_dir: str, num_steps: int) -> dict | None:
+  path = os.path.join(run_dir, "summary.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    summary = json.load(f)
+  return summary if summary.get("step") == num_steps and "wall_time_s" in summary else None
+
+
+def run_kind(base, kind: str, workdir: str) -> dict[str, Any]:
+  """Trains (unless finished) and evaluates one kind; returns its summary and report."""
+  from sami_jax import configlib  # pylint: disable=g-import-not-at-top
+  from sami_jax import train  # pylint: disable=g-import-not-at-top
+  from sami_jax.evaluation import report  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  run_dir = os.path.join(workdir, kind)
+  config = kind_config(base, kind, workdir)
+  configlib.validate(config, jax.device_count(), jax.process_count())
+  report.validate_eval(config)
+  summary = _finished(run_dir, config.train.num_steps)
+  if summary is None:
+    logging.info("compare: training %s in %s.", kind, run_dir)
+    summary = train.train(config, run_dir)
+    if summary.get("preempted"):
+      raise RuntimeError(f"The {kind} run was stopped before its last step; rerun the same "
+                         "command to resume it.")
+  else:
+    logging.info("compare: %s is already trained (%s).", kind, run_dir)
+  report_path = os.path.join(run_dir, "eval", str(config.train.num_steps), "report.json")
+  if not os.path.exists(report_path):
+    t0 = time.time()
+    report_path = report.run(config, run_dir)
+    logging.info("compare: evaluated %s in %.1f s.", kind, time.time() - t0)
+  with open(report_path) as f:
+    rep = json.load(f)
+  return {"summary": summary, "report": rep, "report_path": report_path,
+          "steps_per_sec": _steps_per_sec(run_dir)}
+
+
+def _steps_per_sec(run_dir: str) -> float | None:
+  """The last logged training rate (metrics.jsonl), or None."""
+  path = os.path.join(run_dir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return None
+  rate = None
+  with open(path) as f:
+    for line in f:
+      row = json.loads(line)
+      rate = row.get("steps_per_sec", rate)
+  return rate
+
+
+# Table columns: (header, function of (kind, result) -> value or None).
+def _section(res, name):
+  sec = res["report"]["sections"].get(name, {})
+  return {} if "skipped" in sec else sec
+
+
+def _r2(which, j):
+  return lambda kind, res: (_section(res, "disentanglement").get(which) or [None] * 8)[j]
+
+
+COLUMNS = (
+    ["R2 lin x", "R2 lin y", "R2 lin bg"],
+    ["R2 kNN x", "R2 kNN y", "R2 kNN bg"],
+)
+
+
+def table_rows(results: dict[str, dict], factor_names: list[str]) -> tuple[list[str], list[list]]:
+  """(header, rows) of the comparison table; one row per kind with latents."""
+  header = (["kind"] + [f"R2 linear {n}" for n in factor_names]
+            + [f"R2 kNN {n}" for n in factor_names]
+            + ["MIG", "DCI D", "DCI C", "DCI I", "SAP", "FactorVAE", "recon MSE",
+               "latent curvature (deg)", "pixel curvature (deg)", "train wall (s)", "steps/s"])
+  rows = []
+  ddpm_wall = results.get("ddpm", {}).get("summary", {}).get("wall_time_s")
+  for kind, res in results.items():
+    if kind == "ddpm":
+      continue
+    dis = _section(res, "disentanglement")
+    rec = _section(res, "reconstruction")
+    st = _section(res, "straightness")
+    nf = len(factor_names)
+    wall = res["summary"].get("wall_time_s")
+    wall_cell = wall
+    if kind == "sami_frozen" and wall is not None and ddpm_wall is not None:
+      wall_cell = f"{wall:.0f} (+{ddpm_wall:.0f} ddpm)"
+    rows.append([kind] + list(dis.get("linear_r2") or [None] * nf)
+                + list(dis.get("knn_r2") or [None] * nf)
+                + [dis.get("mig"), dis.get("dci_disentanglement"), dis.get("dci_completeness"),
+                   dis.get("dci_informativeness"), dis.get("sap"), dis.get("factorvae"),
+                   rec.get("mse"), st.get("latent_curvature"), st.get("pixel_curvature"),
+                   wall_cell, res.get("steps_per_sec")])
+  return header, rows
+
+
+def _cell(v) -> str:
+  if v is None:
+    return "n/a"
+  if isinstance(v, float):
+    return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+  return str(v)
+
+
+def markdown(header, rows, base, kinds_run, hardware: str) -> str:
+  lines = ["# SAMI vs baselines on Disks", "",
+           f"Same data ({base.data.name} {base.data.image_size}x{base.data.image_size}, "
+           f"{base.data.num_train} train images), {base.train.num_steps} steps of batch "
+           f"{base.train.batch_size}, seed {base.seed}, latent dim "
+           f"{base.model.encoder.latent_dim}, for every kind. Hardware: {hardware}.", "",
+           "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+  lines += ["", "R^2 on the test split from latent means fitted on the train split (linear and "
+            "k-nearest-neighbours probes); MIG, DCI (regression), SAP and the FactorVAE score from "
+            "evaluation/disentanglement.py; reconstruction MSE in [-1, 1] pixel units; curvature "
+            "of latent trajectories of disks_video sequences (pixel curvature is the same data in "
+            "pixel space, identical for every kind). Per-kind settings:", ""]
+  lines += [f"- `{k}`: {KIND_NOTES[k]}" for k in kinds_run]
+  lines.append("")
+  return "\n".join(lines)
+
+
+def traversal_figure(results: dict[str, dict], out_path: str) -> str | None:
+  """One PNG with every kind's traversals.png side by side, each under its kind's name."""
+  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
+  from sami_jax.evaluation import report  # pylint: disable=g-import-not-at-top
+  panels = []
+  for kind, res in results.items():
+    grids = _section(res, "grids")
+    if "traversals" not in grids:
+      continue
+    path = os.path.join(os.path.dirname(res["report_path"]), grids["traversals"])
+    panels.append((kind, Image.open(path).convert("RGB")))
+  if not panels:
+    return None
+  scale = max(1, 256 // max(p.width for _, p in panels))
+  panels = [(k, p.resize((p.width * scale, p.height * scale), Image.NEAREST)) for k, p in panels]
+  pad, title = 8, 18
+  width = sum(p.width for _, p in panels) + pad * (len(panels) + 1)
+  height = max(p.height for _, p in panels) + title + 2 * pad
+  fig = Image.new("RGB", (width, height), (255, 255, 255))
+  draw = ImageDraw.Draw(fig)
+  x = pad
+  for kind, p in panels:
+    draw.text((x, pad // 2), kind, fill=(0, 0, 0), font=report._font(12))  # pylint: disable=protected-access
+    fig.paste(p, (x, pad + title))
+    x += p.width + pad
+  fig.save(out_path)
+  return out_path
+
+
+def compare(base, workdir: str, kinds: list[str] | None = None) -> dict[str, Any]:
+  """Runs the comparison; returns the JSON it writes to workdir/comparison.json."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from sami_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  kinds = list(kinds or KINDS)
+  unknown = [k for k in kinds if k not in KINDS]
+  if unknown:
+    raise ValueError(f"--kinds names unknown kinds {unknown}; use a subset of {list(KINDS)}.")
+  if "sami_frozen" in kinds and "ddpm" not in kinds and not os.path.isdir(
+      os.path.join(workdir, "ddpm")):
+    raise ValueError("sami_frozen starts from the ddpm run in WORKDIR/ddpm: add ddpm to --kinds.")
+  if base.data.name != "disks":
+    raise ValueError(f"The comparison needs Disks' ground-truth factors; the config uses "
+                     f"data.name={base.data.name!r}. Use --config=configs/disks.py:compare.")
+  kinds = [k for k in KINDS if k in kinds]  # the dependency order
+  os.makedirs(workdir, exist_ok=True)
+  t0 = time.time()
+  results = {kind: run_kind(base, kind, workdir) for kind in kinds}
+  header, rows = table_rows(results, pipeline.factor_names(base))
+  device = jax.devices()[0]
+  hardware = (f"{jax.device_count()} x {device.device_kind} ({device.platform}), "
+              f"{os.cpu_count()} CPU cores")
+  out = {"header": header, "rows": rows, "kinds": kinds, "hardware": hardware,
+         "num_steps": base.train.num_steps, "batch_size": base.train.batch_size,
+         "seed": base.seed, "notes": {k: KIND_NOTES[k] for k in kinds},
+         "reports": {k: r["report_path"] for k, r in results.items()},
+         "wall_time_s": time.time() - t0}
+  fig = traversal_figure(results, os.path.join(workdir, "traversals.png"))
+  out["traversal_figure"] = fig
+  with open(os.path.join(workdir, "comparison.json"), "w") as f:
+    json.dump(out, f, indent=2, default=float)
+  with open(os.path.join(workdir, "comparison.md"), "w") as f:
+    f.write(markdown(header, rows, base, kinds, hardware))
+    if fig:
+      f.write("\n![traversals](traversals.png)\n")
+  logging.info("compare: wrote %s (%.1f s).", os.path.join(workdir, "comparison.md"),
+               time.time() - t0)
+  return out
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  from sami_jax import main as main_lib  # pylint: disable=g-import-not-at-top
+  try:
+    out = compare(_CONFIG.value, _WORKDIR.value, _KINDS.value)
+  except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as e:
+    if not main_lib._raised_by_sami_jax(e):  # pylint: disable=protected-access
+      raise
+    print(f"Error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(open(os.path.join(_WORKDIR.value, "comparison.md")).read())
+  del out
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)
