@@ -4,6 +4,8 @@ Variants (--config=configs/disks.py:VARIANT):
   (none)  the full-size run for an accelerator: 32x32, larger U-Net, 50k steps.
   cpu     the README's quick start: sized to train on a 2-core CPU in about 10 minutes (16x16
           images: at 32x32 a CPU step costs about 4x more).
+  compare the base of `python -m sami_jax.compare` (SAMI vs beta-VAE, DiffAE, frozen-denoiser
+          SAMI): the cpu variant's model and budget for every kind.
   test    a tiny model and dataset for the test suite.
 """
 
@@ -28,15 +30,18 @@ def get_config(arg: str | None = None):
     c.train.ckpt_every = 5000
     c.train.sample_every = 5000
     c.objective.beta_warmup_steps = 10000
-  elif variant == "cpu":
+  elif variant in ("cpu", "compare"):
     configlib.use_cpu_sizes(c)
     c.data.image_size = 16
     c.data.num_train = 20000
     c.eval.num_examples = 2000
+    # beta_vae's decoder mirrors the cpu encoder (used only when model.kind == "beta_vae").
+    c.model.decoder.ch, c.model.decoder.ch_mult = 16, (1, 2, 2)
   elif variant == "test":
     configlib.use_tiny_sizes(c)
     c.data.num_train = 256
     c.data.num_test = 64
   else:
-    raise ValueError(f"Unknown variant {variant!r} of configs/disks.py: use '', 'cpu' or 'test'.")
+    raise ValueError(f"Unknown variant {variant!r} of configs/disks.py: use '', 'cpu', "
+                     "'compare' or 'test'.")
   return c

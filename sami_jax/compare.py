@@ -120,20 +120,10 @@ def _steps_per_sec(run_dir: str) -> float | None:
   return rate
 
 
-# Table columns: (header, function of (kind, result) -> value or None).
 def _section(res, name):
+  """A report section's results ({} when it was skipped or not run)."""
   sec = res["report"]["sections"].get(name, {})
   return {} if "skipped" in sec else sec
-
-
-def _r2(which, j):
-  return lambda kind, res: (_section(res, "disentanglement").get(which) or [None] * 8)[j]
-
-
-COLUMNS = (
-    ["R2 lin x", "R2 lin y", "R2 lin bg"],
-    ["R2 kNN x", "R2 kNN y", "R2 kNN bg"],
-)
 
 
 def table_rows(results: dict[str, dict], factor_names: list[str]) -> tuple[list[str], list[list]]:

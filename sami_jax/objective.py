@@ -186,9 +186,10 @@ def make_loss_fn(config, denoiser, encoder, schedule: schedules.Schedule | None 
       return encoder.apply({"params": params["encoder"]}, x, tt if time_conditioning else None)
     t_clean = jnp.zeros_like(t) if time_conditioning else None
 
-    cond = encode_fn(x0, t_clean)[0] if kind == "diffae" else None
+    # diffae: the deterministic latent (the encoder's mean) conditions the U-Net.
+    cond = {"cond": encode_fn(x0, t_clean)[0]} if kind == "diffae" else {}
     eps_theta = denoiser.apply({"params": den_params}, x_t, t, train=train,
-                               rngs={"dropout": rng_drop}, cond=cond)
+                               rngs={"dropout": rng_drop}, **cond)
     chex.assert_equal_shape((eps_theta, x0))
 
     zeros = jnp.zeros((b,), jnp.float32)

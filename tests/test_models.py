@@ -233,14 +233,22 @@ def test_encoder_shapes(size, channels):
 
 
 @pytest.mark.parametrize("scale_param", ["softplus", "exp"])
-@pytest.mark.parametrize("time_conditioning", [False, True])
-def test_encoder_std_is_one_at_init(scale_param, time_conditioning):
-  model = Encoder(**TINY_ENC, scale_param=scale_param, time_conditioning=time_conditioning)
+@pytest.mark.parametrize("time_conditioning,init_std", [(False, 1.0), (True, 1.0), (False, 0.1),
+                                                        (True, 0.037)])
+def test_encoder_std_is_init_std_at_init(scale_param, time_conditioning, init_std):
+  model = Encoder(**TINY_ENC, scale_param=scale_param, time_conditioning=time_conditioning,
+                  init_std=init_std)
   x, t = 3.0 * _images(0, (5, 8, 8, 2)), _times(1, 5)
   params = model.init(jax.random.PRNGKey(0), x, t)["params"]
   for seed in range(3):
     _, std = _enc_apply(model)(params, 3.0 * _images(10 + seed, (5, 8, 8, 2)), t)
-    np.testing.assert_array_equal(np.asarray(std), 1.0)  # exactly, not approximately
+    # exactly (as float32), not approximately
+    np.testing.assert_array_equal(np.asarray(std), np.float32(init_std))
+
+
+def test_encoder_init_std_must_lie_inside_the_bounds():
+  with pytest.raises(ValueError, match="init_std"):
+    Encoder(**TINY_ENC, init_std=20.0).init(jax.random.PRNGKey(0), _images(0, (1, 8, 8, 1)))
 
 
 @pytest.mark.parametrize("scale_param", ["softplus", "exp"])
