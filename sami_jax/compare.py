@@ -28,6 +28,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from sami_jax.utils import cli
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Base config, e.g. configs/disks.py:compare.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the runs and the comparison.")
@@ -252,11 +254,10 @@ def compare(base, workdir: str, kinds: list[str] | None = None) -> dict[str, Any
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  from sami_jax import main as main_lib  # pylint: disable=g-import-not-at-top
   try:
     out = compare(_CONFIG.value, _WORKDIR.value, _KINDS.value)
   except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as e:
-    if not main_lib._raised_by_sami_jax(e):  # pylint: disable=protected-access
+    if not cli.raised_by_sami_jax(e):
       raise
     print(f"Error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -19,6 +19,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from sami_jax.utils import cli
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/disks.py or configs/disks.py:cpu.",
     lock_config=True)
@@ -71,21 +73,11 @@ class _QuietLibraries:
     return not any(part in record.pathname for part in self._NOISY)
 
 
-def _raised_by_sami_jax(error: BaseException) -> bool:
-  """Whether the innermost frame of the error is in sami_jax's own code: those errors are written
-  for users (they say what is wrong and the fix), so they are shown without a stack trace."""
-  tb, last = error.__traceback__, None
-  while tb is not None:
-    last, tb = tb, tb.tb_next
-  marker = f"{os.sep}sami_jax{os.sep}"
-  return last is not None and marker in last.tb_frame.f_code.co_filename
-
-
 def main(argv):
   try:
     _main(argv)
   except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError, KeyError) as e:
-    if not _raised_by_sami_jax(e):
+    if not cli.raised_by_sami_jax(e):
       raise
     print(f"Error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -240,3 +240,14 @@ def test_sample_mode_fits_saves_and_reuses_the_latent_prior(comparison, tmp_path
   assert third.returncode == 2
   assert "Error:" in third.stderr and "refit" in third.stderr
   assert "Traceback" not in third.stderr
+
+
+def test_compare_command_line_reports_a_bad_kind_in_one_line(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "sami_jax.compare", "--config=configs/disks.py:test",
+       f"--workdir={tmp_path / 'wd'}", "--kinds=sami,vae"],
+      cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+      timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "Error: --kinds names unknown kinds ['vae']" in proc.stderr
+  assert "Traceback" not in proc.stderr
