@@ -4,6 +4,9 @@ Variants (--config=configs/disks.py:VARIANT):
   (none)  the full-size run for an accelerator: 32x32, larger U-Net, 50k steps.
   cpu     the README's quick start: sized to train on a 2-core CPU in about 10 minutes (16x16
           images: at 32x32 a CPU step costs about 4x more).
+  frozen  SAMI's encoder alone on a frozen denoiser pre-trained by configs/ddpm.py:disks
+          (--config.model.denoiser_checkpoint=DDPM_WORKDIR): the cpu model, half its learning
+          rate, high noise levels oversampled.
   compare the base of `python -m sami_jax.compare` (SAMI vs beta-VAE, DiffAE, frozen-denoiser
           SAMI): the cpu variant's model and budget for every kind.
   test    a tiny model and dataset for the test suite.
@@ -30,18 +33,23 @@ def get_config(arg: str | None = None):
     c.train.ckpt_every = 5000
     c.train.sample_every = 5000
     c.objective.beta_warmup_steps = 10000
-  elif variant in ("cpu", "compare"):
+  elif variant in ("cpu", "compare", "frozen"):
     configlib.use_cpu_sizes(c)
     c.data.image_size = 16
     c.data.num_train = 20000
     c.eval.num_examples = 2000
     # beta_vae's decoder mirrors the cpu encoder (used only when model.kind == "beta_vae").
     c.model.decoder.ch, c.model.decoder.ch_mult = 16, (1, 2, 2)
+    if variant == "frozen":
+      c.model.kind = "sami_frozen"
+      c.optim.lr *= 0.5
+      c.diffusion.time_sampling = "high_noise"
+      c.diffusion.high_noise_power = 0.5
   elif variant == "test":
     configlib.use_tiny_sizes(c)
     c.data.num_train = 256
     c.data.num_test = 64
   else:
     raise ValueError(f"Unknown variant {variant!r} of configs/disks.py: use '', 'cpu', "
-                     "'compare' or 'test'.")
+                     "'frozen', 'compare' or 'test'.")
   return c

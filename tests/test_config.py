@@ -18,8 +18,8 @@ def load_config(name, arg=None):
 
 
 @pytest.mark.parametrize("name,arg", [("disks", None), ("disks", "cpu"), ("disks", "test"),
-                                      ("celeba", None), ("celeba", "test"), ("ddpm", "disks"),
-                                      ("ddpm", "celeba"), ("ddpm", "test")])
+                                      ("disks", "compare"), ("celeba", None), ("celeba", "test"),
+                                      ("ddpm", "disks"), ("ddpm", "celeba"), ("ddpm", "test")])
 def test_shipped_configs_validate(name, arg):
   configlib.validate(load_config(name, arg), num_devices=8)
 
@@ -33,12 +33,22 @@ def test_folder_configs_validate_once_given_a_folder(arg):
   configlib.validate(c, num_devices=8)
 
 
-def test_frozen_config_needs_a_checkpoint():
-  c = load_config("celeba_frozen")
+@pytest.mark.parametrize("name,arg", [("celeba_frozen", None), ("disks", "frozen")])
+def test_frozen_config_needs_a_checkpoint(name, arg):
+  c = load_config(name, arg)
+  assert c.model.kind == "sami_frozen" and c.diffusion.time_sampling == "high_noise"
   with pytest.raises(configlib.ConfigError, match="denoiser_checkpoint"):
     configlib.validate(c)
   c.model.denoiser_checkpoint = "/some/run"
   configlib.validate(c)
+
+
+def test_disks_frozen_matches_the_ddpm_pretraining_denoiser():
+  """configs/disks.py:frozen must restore configs/ddpm.py:disks (same U-Net), at half its lr."""
+  frozen, ddpm = load_config("disks", "frozen"), load_config("ddpm", "disks")
+  assert frozen.model.denoiser.to_dict() == ddpm.model.denoiser.to_dict()
+  assert frozen.data.image_size == ddpm.data.image_size
+  assert frozen.optim.lr == 0.5 * load_config("disks", "cpu").optim.lr
 
 
 def _set(c, path, value):
