@@ -254,6 +254,7 @@ def compare(base, workdir: str, kinds: list[str] | None = None) -> dict[str, Any
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  cli.quiet_library_logs()
   try:
     out = compare(_CONFIG.value, _WORKDIR.value, _KINDS.value)
   except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as e:

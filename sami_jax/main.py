@@ -62,17 +62,6 @@ def _initialize_distributed():
                jax.process_count())
 
 
-class _QuietLibraries:
-  """Drops INFO records from Orbax / TFDS / grain internals; their warnings still show."""
-
-  _NOISY = ("/orbax/", "/tensorflow_datasets/", "/grain/", "/absl/testing/")
-
-  def filter(self, record) -> bool:
-    if record.levelno >= 30:
-      return True
-    return not any(part in record.pathname for part in self._NOISY)
-
-
 def main(argv):
   try:
     _main(argv)
@@ -84,9 +73,7 @@ def main(argv):
 
 
 def _main(argv):
-  import logging as std_logging
-  std_logging.getLogger().addFilter(_QuietLibraries())
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  cli.quiet_library_logs()
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if _CONFIG.value is None:
