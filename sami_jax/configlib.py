@@ -193,14 +193,14 @@ def use_cpu_sizes(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   A small U-Net without attention, a light encoder, batch 32, a high learning rate; the "elbo"
   weighting and high-noise time sampling, which put more weight on the noise levels where the latent
   is what tells the denoiser where things are (with "simple" and uniform times the position factors
-  of Disks were learned far slower); and a posterior std of 0.2 at init instead of 1: the guidance
+  of Disks were learned far slower); and a posterior std of 0.3 at init instead of 1: the guidance
   scales like 1 / std^2, and starting at 1 it stayed too weak to pull the disk position into the
   latent at this budget (README, Results).
   """
   u, e = c.model.denoiser, c.model.encoder
   u.ch, u.ch_mult, u.num_res_blocks, u.attn_resolutions = 16, (1, 2, 2), 1, ()
   e.ch, e.ch_mult, e.num_res_blocks = 16, (1, 2, 2), 1
-  e.init_std = 0.2
+  e.init_std = 0.3
   c.diffusion.weighting = "elbo"
   c.diffusion.time_sampling = "high_noise"
   c.diffusion.high_noise_power = 0.5
