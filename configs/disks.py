@@ -41,10 +41,7 @@ def get_config(arg: str | None = None):
     # beta_vae's decoder mirrors the cpu encoder (used only when model.kind == "beta_vae").
     c.model.decoder.ch, c.model.decoder.ch_mult = 16, (1, 2, 2)
     if variant == "frozen":
-      c.model.kind = "sami_frozen"
-      c.optim.lr *= 0.5
-      c.diffusion.time_sampling = "high_noise"
-      c.diffusion.high_noise_power = 0.5
+      configlib.use_frozen_denoiser(c)
   elif variant == "test":
     configlib.use_tiny_sizes(c)
     c.data.num_train = 256

@@ -153,7 +153,7 @@ class Model:
 
     def one_row(params, z, noise_id, row_id, seed, gamma, steps):
       if kind == "beta_vae":  # a one-shot decoder: no noise, no steps
-        return jnp.clip(denoiser.apply({"params": params["decoder"]}, z[None])[0], -1.0, 1.0)
+        return samplers.decoder_mean(denoiser, params, z[None])[0]
       base = jax.random.PRNGKey(seed)
       init_key = jax.random.fold_in(jax.random.fold_in(base, _KEY_INIT_NOISE), noise_id)
       step_key = jax.random.fold_in(jax.random.fold_in(base, _KEY_STEP_NOISE), row_id)

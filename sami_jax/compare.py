@@ -53,16 +53,15 @@ KIND_NOTES = {
 
 def kind_config(base, kind: str, workdir: str):
   """The config of one kind's run: the base config with model.kind and KIND_NOTES' changes."""
+  from sami_jax import configlib  # pylint: disable=g-import-not-at-top
   from sami_jax import train  # pylint: disable=g-import-not-at-top
   c = train.config_from_json(train.config_to_json(base))
   c.model.kind = kind
   if kind == "ddpm":
     c.train.probe_at_end = False
   elif kind == "sami_frozen":
+    configlib.use_frozen_denoiser(c)
     c.model.denoiser_checkpoint = os.path.join(workdir, "ddpm")
-    c.optim.lr = base.optim.lr * 0.5
-    c.diffusion.time_sampling = "high_noise"
-    c.diffusion.high_noise_power = 0.5
   elif kind == "diffae":
     c.diffusion.weighting = "simple"
     c.diffusion.time_sampling = "uniform"
@@ -256,14 +255,14 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   cli.quiet_library_logs()
   try:
-    out = compare(_CONFIG.value, _WORKDIR.value, _KINDS.value)
+    compare(_CONFIG.value, _WORKDIR.value, _KINDS.value)
   except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as e:
     if not cli.raised_by_sami_jax(e):
       raise
     print(f"Error: {e}", file=sys.stderr)
     sys.exit(2)
-  print(open(os.path.join(_WORKDIR.value, "comparison.md")).read())
-  del out
+  with open(os.path.join(_WORKDIR.value, "comparison.md")) as f:
+    print(f.read())
 
 
 if __name__ == "__main__":

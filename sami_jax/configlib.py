@@ -217,6 +217,16 @@ def use_cpu_sizes(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
+def use_frozen_denoiser(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Encoder-only SAMI on a frozen pre-trained denoiser (model.denoiser_checkpoint still to set):
+  half the learning rate, high noise levels oversampled (the settings SAMI.md gives this mode)."""
+  c.model.kind = "sami_frozen"
+  c.optim.lr *= 0.5
+  c.diffusion.time_sampling = "high_noise"
+  c.diffusion.high_noise_power = 0.5
+  return c
+
+
 def use_tiny_sizes(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The smallest graph (one resolution level, no attention, 8x8): the tests' `test` variants,
   so the many end-to-end tests compile quickly (the model tests cover downsampling/attention)."""

@@ -109,6 +109,12 @@ def adagn_eps_fn(denoiser, params, z: jax.Array) -> EpsFn:
   return lambda x, t: denoiser.apply({"params": params["denoiser"]}, x, t, train=False, cond=z)
 
 
+def decoder_mean(decoder, params, z: jax.Array, *, clip: bool = True) -> jax.Array:
+  """The beta-VAE baseline's image for latents z [B, d]: the decoder's mean [B, H, W, C]."""
+  x = decoder.apply({"params": params["decoder"]}, z)
+  return jnp.clip(x, -1.0, 1.0) if clip else x
+
+
 def eps_fn_for(kind: str, denoiser, encoder, params, z: jax.Array, *, gamma: float = 1.0,
                time_conditioning: bool = False, schedule: schedules.Schedule) -> EpsFn:
   """The noise prediction a diffusion kind samples with, given latents z [B, d] (see generate)."""
@@ -143,8 +149,7 @@ def generate(denoiser, encoder, params, z: jax.Array, rng: jax.Array, *,
   traversals and interpolations comparable.
   """
   if kind == "beta_vae":
-    x = denoiser.apply({"params": params["decoder"]}, z)
-    return jnp.clip(x, -1.0, 1.0) if clip_x0 else x
+    return decoder_mean(denoiser, params, z, clip=clip_x0)
   b = z.shape[0]
   rng_init, rng_sample = jax.random.split(rng)
   noise_shape = ((1,) if shared_noise else (b,)) + tuple(image_shape)
