@@ -10,6 +10,9 @@ from __future__ import annotations
 import glob
 import math
 import os
+import subprocess
+import sys
+import time
 
 from absl import logging
 import numpy as np
@@ -260,6 +263,39 @@ def test_prepare_is_idempotent_and_detects_damage(tmp_path):
   pipeline.clear_cache()
   with pytest.raises(ValueError, match="(?i)delete"):
     pipeline.prepare(c)
+
+
+_PREPARE_AT = """
+import sys, time
+from sami_jax import configlib
+from sami_jax.data import pipeline
+c = configlib.default_config()
+c.data.data_dir, c.data.image_size = sys.argv[1], 16
+c.data.num_train, c.data.num_test = 3000, 500
+time.sleep(max(0.0, float(sys.argv[2]) - time.time()))  # start together, imports done
+print(pipeline.prepare(c))
+"""
+
+
+def test_concurrent_prepares_take_turns(tmp_path):
+  # Runs of a seed sweep started together on one machine all prepare the same dataset. Each
+  # process waits for a common start time after its imports, so without the build lock their
+  # builds overlap and all but one die renaming into the finished folder (FileExistsError).
+  start_at = time.time() + 8.0
+  procs = [subprocess.Popen([sys.executable, "-c", _PREPARE_AT, str(tmp_path), str(start_at)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for _ in range(3)]
+  outs = [p.communicate(timeout=240) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  folders = {out.strip().splitlines()[-1] for out, _ in outs}
+  assert len(folders) == 1
+  # One build: a single finished version folder, no leftover incomplete ones.
+  parent = os.path.dirname(folders.pop())
+  assert sorted(os.listdir(parent)) == ["1.0.0"]
+  pipeline.clear_cache()
+  c = _config(tmp_path, image_size=16, num_train=3000, num_test=500)
+  assert len(pipeline.dataset_for(c).source("train")) == 3000
 
 
 def test_dataset_for_rejects_unknown_names(tmp_path):

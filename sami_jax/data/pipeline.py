@@ -30,6 +30,7 @@ Batches are dicts of numpy arrays (per process; train.py makes global jax.Arrays
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -58,6 +59,30 @@ def default_data_dir(config: ml_collections.ConfigDict) -> str:
   if config.data.data_dir:
     return os.path.expanduser(config.data.data_dir)
   return os.path.expanduser(os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
+
+
+@contextlib.contextmanager
+def _build_lock(data_dir: str, name: str):
+  """Holds an exclusive lock on `data_dir/.<name>.build.lock` (a local data dir only).
+
+  Two runs started together on one machine (a seed sweep, say) would otherwise both build the
+  same dataset and race when TFDS renames the finished build into place (FileExistsError).
+  Remote data dirs (gs://...) are not locked: prepare them once before a multi-host launch.
+  """
+  try:
+    import fcntl  # pylint: disable=g-import-not-at-top  (POSIX only)
+  except ImportError:
+    fcntl = None
+  if "://" in data_dir or fcntl is None:
+    yield
+    return
+  os.makedirs(data_dir, exist_ok=True)
+  with open(os.path.join(data_dir, f".{name}.build.lock"), "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 class Dataset:
@@ -115,9 +140,14 @@ class Dataset:
     # A dataset that is not `buildable` is checked by opening it (`source` raises
     # `_not_prepared_error`); that also works under tfds.testing.mock_data.
     if self.buildable and not builder.is_prepared():
-      logging.info("Preparing dataset %s into %s.", self.name, builder.data_dir)
-      os.makedirs(self.data_dir, exist_ok=True)
-      builder.download_and_prepare()
+      with _build_lock(self.data_dir, self.name):
+        # Another process may have finished the build while this one waited for the lock:
+        # reopen the builder so that it sees the finished folder, and build only if it is not.
+        self.__dict__.pop("builder", None)
+        builder = self.builder
+        if not builder.is_prepared():
+          logging.info("Preparing dataset %s into %s.", self.name, builder.data_dir)
+          builder.download_and_prepare()
     self._check_readable()
     return os.fspath(builder.data_dir)
 
@@ -331,9 +361,10 @@ def prepare(config: ml_collections.ConfigDict) -> str:
   Builds disks / disks_video / folder datasets on first use into the TFDS data dir
   (config.data.data_dir, else $TFDS_DATA_DIR, else ~/tensorflow_datasets); later calls only
   check that the files are there and readable. CelebA is never downloaded here: if it is not
-  prepared, FileNotFoundError says how to prepare it. Call it on one process before the others
-  read a shared data dir (TFDS renames a finished build into place; concurrent builds of the
-  same dataset into one folder would race).
+  prepared, FileNotFoundError says how to prepare it. Processes on one machine that prepare the
+  same dataset at once take turns (a file lock in the data dir): the first builds, the others
+  find it built. On a multi-host job, call it on one process before the others read a shared
+  data dir (a remote data dir is not locked).
 
   Raises:
     FileNotFoundError: the dataset (CelebA) or the image folder is missing.
