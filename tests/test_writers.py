@@ -102,6 +102,15 @@ def test_metrics_file_is_appended_on_resume(tmp_path):
     assert [json.loads(line)["step"] for line in f] == [1, 2]
 
 
+def test_metrics_lines_are_on_disk_before_flush_or_close(tmp_path):
+  # A live run's metrics.jsonl must be readable while the run goes on (tail -f, plotting).
+  writer = writers_lib.MetricWriter(tmp_path)
+  writer.write_scalars(7, {"loss": 0.25})
+  with open(tmp_path / "metrics.jsonl") as f:
+    assert [(r["step"], r["loss"]) for r in map(json.loads, f)] == [(7, 0.25)]
+  writer.close()
+
+
 def test_disabled_writer_writes_nothing(tmp_path):
   writer = writers_lib.MetricWriter(tmp_path / "w", enabled=False)
   writer.write_scalars(1, {"loss": 1.0})

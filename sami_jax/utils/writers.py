@@ -47,7 +47,9 @@ class MetricWriter:
     self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
     os.makedirs(self.tb_dir, exist_ok=True)
     self._tb = SummaryWriter(logdir=self.tb_dir)
-    self._jsonl = open(self.jsonl_path, "a")
+    # Line-buffered: each record is on disk as soon as it is written, so `tail -f metrics.jsonl`
+    # (or a plotting script) follows a run live, and a killed run loses no logged line.
+    self._jsonl = open(self.jsonl_path, "a", buffering=1)
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     """Logs named scalars (floats, numpy or jax scalars) at `step`."""
