@@ -83,6 +83,7 @@ def default_config() -> ml_collections.ConfigDict:
   e.min_std = 1e-3           # floor on the posterior std: bounds the guidance score.
   e.max_std = 10.0
   e.init_std = 1.0           # the posterior std of every input at init (exactly).
+  e.mean_init_scale = 0.1    # variance scale of the mean head's init (fan-in truncated normal).
   e.pool = "flatten"         # flatten | mean: how the last feature map becomes a vector.
 
   # ----------------------------------------------------------- diffusion
@@ -305,6 +306,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None,
                 "train.ckpt_every", "data.image_size", "data.channels",
                 "model.denoiser.ch", "model.encoder.ch", "model.encoder.latent_dim",
                 "sampling.steps", "model.encoder.min_std", "objective.beta_start",
+                "model.encoder.mean_init_scale",
                 "model.decoder.ch", "model.decoder.obs_std", "latent_prior.num_examples",
                 "latent_prior.width", "latent_prior.depth", "latent_prior.num_steps",
                 "latent_prior.batch_size", "latent_prior.lr", "latent_prior.sampling_steps"):

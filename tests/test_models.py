@@ -409,6 +409,21 @@ def test_build_and_init_from_config():
   assert "time_embed" in tc["encoder"] and "time_embed" not in params["encoder"]
 
 
+def test_mean_init_scale_from_config_scales_the_mean_head():
+  # variance_scaling: the kernel's std is sqrt(scale / fan_in), drawn from the same key, so a
+  # 100x larger scale gives exactly a 10x larger kernel (and nothing else changes).
+  params = {}
+  for scale in (0.1, 10.0):
+    c = _tiny_config()
+    c.model.encoder.mean_init_scale = scale
+    assert models.build_models(c)[1].mean_init_scale == scale
+    params[scale] = models.init_params(c, jax.random.PRNGKey(3))["encoder"]
+  np.testing.assert_allclose(np.asarray(params[10.0]["mean_head"]["kernel"]),
+                             10.0 * np.asarray(params[0.1]["mean_head"]["kernel"]), rtol=1e-5)
+  np.testing.assert_array_equal(np.asarray(params[10.0]["hidden"]["kernel"]),
+                                np.asarray(params[0.1]["hidden"]["kernel"]))
+
+
 def test_count_params_counts_elements():
   tree = {"a": jnp.zeros((3, 4)), "b": [jnp.zeros((5,)), jnp.zeros(())],
           "c": jax.ShapeDtypeStruct((2, 2), jnp.float32)}
