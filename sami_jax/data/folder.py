@@ -218,11 +218,8 @@ class FolderDataset(pipeline.Dataset):
         config=self.builder_config, data_dir=self.data_dir, file_format="array_record"))
 
   def prepare(self) -> str:
-    builder = self.builder
-    if builder.is_prepared():
-      return super().prepare()
     try:
-      super().prepare()
+      return super().prepare()
     except Exception as e:  # pylint: disable=broad-except
       # TFDS wraps errors raised while generating; find ours, or an empty split (every file of
       # that split passed the header probe but failed to decode).
@@ -232,14 +229,15 @@ class FolderDataset(pipeline.Dataset):
         cause = cause.__cause__ or cause.__context__
       if any(isinstance(c, NoReadableImageError) for c in chain) or (
           "No examples were yielded" in str(e)):
-        raise ValueError(self._no_readable_message(builder.skipped)) from None
+        raise ValueError(self._no_readable_message(self.builder.skipped)) from None
       raise
+
+  def _after_build(self, builder: tfds.core.DatasetBuilder) -> None:
     with open(os.path.join(builder.data_dir, SKIPPED_FILENAME), "w") as f:
       f.write("".join(s + "\n" for s in builder.skipped))
     if builder.skipped:
       logging.warning("Skipped %d unreadable image(s) in %s:\n  %s", len(builder.skipped),
                       self.builder_config.folder, "\n  ".join(builder.skipped))
-    return os.fspath(builder.data_dir)
 
   def _no_readable_message(self, skipped: list[str]) -> str:
     return (f"No readable image in {self.builder_config.folder!r} (or a split has none); "

@@ -141,15 +141,20 @@ class Dataset:
     # `_not_prepared_error`); that also works under tfds.testing.mock_data.
     if self.buildable and not builder.is_prepared():
       with _build_lock(self.data_dir, self.name):
-        # Another process may have finished the build while this one waited for the lock:
-        # reopen the builder so that it sees the finished folder, and build only if it is not.
-        self.__dict__.pop("builder", None)
-        builder = self.builder
-        if not builder.is_prepared():
+        if builder.is_prepared():
+          # Another process built it while this one waited for the lock: reopen the builder,
+          # whose metadata was read before the build existed.
+          self.__dict__.pop("builder", None)
+          builder = self.builder
+        else:
           logging.info("Preparing dataset %s into %s.", self.name, builder.data_dir)
           builder.download_and_prepare()
+          self._after_build(builder)
     self._check_readable()
     return os.fspath(builder.data_dir)
+
+  def _after_build(self, builder: tfds.core.DatasetBuilder) -> None:
+    """Called (under the build lock) right after this process built the dataset."""
 
   def _check_readable(self) -> None:
     """Reads the first and last record of each split: cheap, and catches truncated files."""
