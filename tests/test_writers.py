@@ -180,7 +180,7 @@ def test_make_grid_geometry_and_values():
   # 5 images of 2x3 pixels, 2 per row -> 3 rows; image i is the constant v[i].
   v = np.array([-1.0, 1.0, 0.5, -0.5, 2.0], np.float32)  # 2.0 is clipped to 1
   images = np.broadcast_to(v[:, None, None, None], (5, 2, 3, 3)).copy()
-  grid = images_lib.make_grid(images, ncol=2, pad=1)
+  grid = images_lib.make_grid(images, ncol=2, pad=1, min_cell=0)  # the images' own resolution
   assert grid.dtype == np.uint8
   assert grid.shape == (3 * 2 + 4 * 1, 2 * 3 + 3 * 1, 3)  # (10, 9, 3)
   # (v + 1) * 127.5 rounded: -1 -> 0, 1 -> 255, 0.5 -> 191.25 -> 191, -0.5 -> 63.75 -> 64.
@@ -195,7 +195,7 @@ def test_make_grid_geometry_and_values():
 
 def test_make_grid_uint8_grayscale_and_errors():
   images = np.arange(2 * 2 * 2, dtype=np.uint8).reshape(2, 2, 2, 1)
-  grid = images_lib.make_grid(images, ncol=8, pad=0)  # ncol capped at N
+  grid = images_lib.make_grid(images, ncol=8, pad=0, min_cell=0)  # ncol capped at N
   np.testing.assert_array_equal(grid[..., 0], np.concatenate([images[0, ..., 0],
                                                               images[1, ..., 0]], axis=1))
   with pytest.raises(ValueError, match="C = 1 or 3"):
@@ -221,10 +221,59 @@ def test_save_png_rgb_and_grayscale(tmp_path):
     images_lib.save_png(tmp_path / "x.png", rgb.astype(np.float32))
 
 
+def test_upscale_nearest_by_hand():
+  # [1, 2, 2, 1]: [[a, b], [c, d]] -> each value becomes a 3x3 block.
+  image = np.array([[10, 20], [30, 40]], np.uint8)[None, :, :, None]
+  up = images_lib.upscale_nearest(image, 3)
+  expected = np.array([[10, 10, 10, 20, 20, 20]] * 3 + [[30, 30, 30, 40, 40, 40]] * 3, np.uint8)
+  assert up.shape == (1, 6, 6, 1) and up.dtype == np.uint8
+  np.testing.assert_array_equal(up[0, ..., 0], expected)
+  np.testing.assert_array_equal(images_lib.upscale_nearest(image, 1), image)
+  with pytest.raises(ValueError, match="integer factor"):
+    images_lib.upscale_nearest(image, 0)
+  with pytest.raises(ValueError, match="H, W, C"):
+    images_lib.upscale_nearest(np.zeros((2, 2)), 2)
+
+
+@pytest.mark.parametrize("h,w,min_cell,scale", [
+    (16, 16, 64, 4), (32, 32, 64, 2), (64, 64, 64, 1), (20, 20, 64, 4), (16, 40, 64, 4),
+    (100, 100, 64, 1), (16, 16, 0, 1)])
+def test_cell_scale(h, w, min_cell, scale):
+  # ceil(min_cell / min(h, w)), at least 1: 64 / 20 = 3.2 -> 4 (3 would give 60 px cells).
+  assert images_lib.cell_scale(h, w, min_cell) == scale
+
+
+def test_make_grid_default_cells_are_at_least_64px():
+  """The quick start's case: 16x16 images, 8 per row, 2 rows, pad 1 -> raw 35 x 137 px."""
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (16, 16, 16, 1), dtype=np.uint8)
+  raw = images_lib.make_grid(images, ncol=8, min_cell=0)
+  assert raw.shape == (2 * 16 + 3, 8 * 16 + 9, 1)  # (35, 137, 1)
+  grid = images_lib.make_grid(images, ncol=8)
+  # Scale 4: every raw pixel, padding included, becomes a 4x4 block; cells are 64 px.
+  assert grid.shape == (35 * 4, 137 * 4, 1)
+  for i in range(16):
+    r, c = divmod(i, 8)
+    y, x = 4 * (1 + r * 17), 4 * (1 + c * 17)  # cell origin: (pad + r * (16 + pad)) * 4
+    cell = grid[y:y + 64, x:x + 64, 0]
+    # Pixel (a, b) of the 64x64 cell is pixel (a // 4, b // 4) of image i.
+    a, b = np.meshgrid(np.arange(64), np.arange(64), indexing="ij")
+    np.testing.assert_array_equal(cell, images[i, a // 4, b // 4, 0])
+  # The padding between cells is 4 px of 0 (pad_value).
+  assert (grid[:4] == 0).all() and (grid[:, 4 + 64:4 + 64 + 4] == 0).all()
+
+
 def test_save_grid(tmp_path):
   images = np.ones((3, 2, 2, 1), np.float32)  # all white -> 255, padding 0
-  path = images_lib.save_grid(tmp_path / "g.png", images, ncol=3)
+  path = images_lib.save_grid(tmp_path / "g.png", images, ncol=3, min_cell=0)
   with Image.open(path) as im:
     pixels = np.asarray(im)
   assert pixels.shape == (2 + 2, 3 * 2 + 4)
   assert pixels.sum() == 3 * 4 * 255
+  # Default: 2 px images are enlarged 32x (64 / 2) in the PNG, padding included.
+  path = images_lib.save_grid(tmp_path / "big.png", images, ncol=3)
+  with Image.open(path) as im:
+    pixels = np.asarray(im)
+  assert pixels.shape == (32 * 4, 32 * 10)
+  assert pixels.sum() == 3 * 4 * 255 * 32 * 32
+  assert (pixels[32:32 + 64, 32:32 + 64] == 255).all()  # the first cell, 64 x 64 px

@@ -1,4 +1,11 @@
-"""Image grids: a batch of images tiled into one uint8 picture, saved as PNG."""
+"""Image grids: a batch of images tiled into one uint8 picture, saved as PNG.
+
+Small images (a 16x16 Disks sample) make a grid too small to see, so `make_grid` enlarges it by
+an integer factor (nearest neighbour: every pixel becomes a block of identical pixels, nothing is
+interpolated) until each cell is at least `min_cell` pixels on its shorter side, 64 by default.
+Pass `min_cell=0` for the grid at the images' own resolution; `upscale_nearest` enlarges any
+array.
+"""
 
 from __future__ import annotations
 
@@ -24,17 +31,56 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
   return np.rint((np.clip(x, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
 
 
-def make_grid(images: np.ndarray, ncol: int, pad: int = 1, pad_value: int = 0) -> np.ndarray:
-  """Tiles a batch of images row by row into one picture.
+# Smallest cell side, in screen pixels, of a grid from make_grid / save_grid unless told otherwise.
+DEFAULT_MIN_CELL = 64
+
+
+def upscale_nearest(image: np.ndarray, factor: int) -> np.ndarray:
+  """Enlarges images by an integer factor, each pixel repeated into a factor x factor block.
+
+  Args:
+    image: [..., H, W, C] (any leading axes, any dtype).
+    factor: integer >= 1.
+
+  Returns:
+    [..., H * factor, W * factor, C], same dtype; out[..., i, j, :] = image[..., i // factor,
+    j // factor, :].
+  """
+  image = np.asarray(image)
+  if image.ndim < 3:
+    raise ValueError(f"upscale_nearest expects [..., H, W, C]; got shape {image.shape} (add a "
+                     "channel axis with image[..., None]).")
+  if int(factor) != factor or factor < 1:
+    raise ValueError(f"upscale_nearest needs an integer factor >= 1; got {factor}.")
+  factor = int(factor)
+  if factor == 1:
+    return image
+  return np.repeat(np.repeat(image, factor, axis=-3), factor, axis=-2)
+
+
+def cell_scale(height: int, width: int, min_cell: int) -> int:
+  """Smallest integer factor that makes an H x W cell at least `min_cell` px on both sides (>= 1)."""
+  if min_cell < 0:
+    raise ValueError(f"min_cell must be >= 0; got {min_cell}.")
+  return max(1, -(-int(min_cell) // max(1, min(int(height), int(width)))))
+
+
+def make_grid(images: np.ndarray, ncol: int, pad: int = 1, pad_value: int = 0, *,
+              min_cell: int = DEFAULT_MIN_CELL) -> np.ndarray:
+  """Tiles a batch of images row by row into one picture, enlarged until it can be seen.
 
   Args:
     images: [N, H, W, C] (C = 1 or 3) float in [-1, 1] or uint8; [N, H, W] is taken as C = 1.
     ncol: images per row (capped at N); the last row is left blank where images run out.
-    pad: pixels of `pad_value` around and between the images.
+    pad: pixels of `pad_value` around and between the images (before enlarging).
     pad_value: uint8 value of the padding.
+    min_cell: the grid is enlarged by s = cell_scale(H, W, min_cell) (nearest neighbour, padding
+      included) so each image cell is at least min_cell px on its shorter side; 0 (or anything
+      <= min(H, W)) keeps the images' own resolution (s = 1).
 
   Returns:
-    uint8 [nrow * H + (nrow + 1) * pad, ncol * W + (ncol + 1) * pad, C], nrow = ceil(N / ncol).
+    uint8 [s * (nrow * H + (nrow + 1) * pad), s * (ncol * W + (ncol + 1) * pad), C],
+    nrow = ceil(N / ncol).
   """
   images = np.asarray(images)
   if images.ndim == 3:
@@ -56,7 +102,7 @@ def make_grid(images: np.ndarray, ncol: int, pad: int = 1, pad_value: int = 0) -
     r, col = divmod(i, ncol)
     y, x = pad + r * (h + pad), pad + col * (w + pad)
     grid[y:y + h, x:x + w] = images[i]
-  return grid
+  return upscale_nearest(grid, cell_scale(h, w, min_cell))
 
 
 def save_png(path: str | os.PathLike, grid: np.ndarray) -> str:
@@ -81,6 +127,7 @@ def save_png(path: str | os.PathLike, grid: np.ndarray) -> str:
   return path
 
 
-def save_grid(path: str | os.PathLike, images: np.ndarray, ncol: int, pad: int = 1) -> str:
-  """`save_png(path, make_grid(images, ncol, pad))`; returns the path."""
-  return save_png(path, make_grid(images, ncol, pad=pad))
+def save_grid(path: str | os.PathLike, images: np.ndarray, ncol: int, pad: int = 1, *,
+              min_cell: int = DEFAULT_MIN_CELL) -> str:
+  """`save_png(path, make_grid(images, ncol, pad, min_cell=min_cell))`; returns the path."""
+  return save_png(path, make_grid(images, ncol, pad=pad, min_cell=min_cell))
