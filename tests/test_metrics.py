@@ -15,6 +15,8 @@ import types
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy.stats import entropy as scipy_entropy
+from sklearn.ensemble import GradientBoostingClassifier
 from sklearn.metrics import mutual_info_score, roc_auc_score
 
 from sami_jax.evaluation import attributes
@@ -164,7 +166,10 @@ def test_dci_from_importance_by_hand():
 def test_dci_ranks_codes(data, mode):
   f, codes = data
   ftr, fte = _split(f)
-  r = {k: dis.dci(z[:600], ftr, z[600:], fte, mode=mode) for k, z in codes.items()}
+  # Classification with the default 100 stages fits 20 classes x 100 trees per factor; 10 stages
+  # keep this ranking test fast (the defaults are checked in test_dci_default_is_the_library's).
+  kw = {"num_trees": 10} if mode == "classification" else {}
+  r = {k: dis.dci(z[:600], ftr, z[600:], fte, mode=mode, **kw) for k, z in codes.items()}
   assert r["perfect"]["disentanglement"] > 0.9 and r["perfect"]["completeness"] > 0.9
   assert r["noise"]["disentanglement"] < 0.25
   assert (r["noise"]["disentanglement"] + 0.15 < r["mixed"]["disentanglement"]
@@ -173,6 +178,132 @@ def test_dci_ranks_codes(data, mode):
   assert r["perfect"]["informativeness"] > 0.8
   assert r["noise"]["informativeness"] < 0.15
   assert r["perfect"]["importance"].shape == (4, 3)
+
+
+def _library_dci_scores(importance):
+  """disentanglement_lib's D and C (dci.py), re-derived from the paper's formulas with scipy:
+  1 - entropy of each row / column (scipy normalises it; the library adds 1e-11 first), weighted
+  by the row / column share of the total importance."""
+  r = np.asarray(importance, np.float64)
+  per_code = 1.0 - scipy_entropy(r.T + 1e-11, base=r.shape[1])
+  per_factor = 1.0 - scipy_entropy(r + 1e-11, base=r.shape[0])
+  return (float(np.sum(per_code * r.sum(1) / r.sum())),
+          float(np.sum(per_factor * r.sum(0) / r.sum())))
+
+
+def test_dci_from_importance_rotated_latents():
+  # Latents z = Q f for a rotation Q: each latent's share of each factor is Q_ik^2 (the fraction
+  # of z_i's variance from f_k for iid unit-variance factors), so R = Q * Q.
+  # 45 degrees: every latent is half of each factor -> D = C = 0.
+  q = np.array([[1.0, -1.0], [1.0, 1.0]]) / np.sqrt(2)
+  assert dis.dci_from_importance(q * q) == pytest.approx((0.0, 0.0), abs=1e-12)
+  # Shares 0.9 / 0.1: D = C = 1 - H_2(0.9) = 1 + 0.9 log2 0.9 + 0.1 log2 0.1 = 0.5310044064.
+  d, c = dis.dci_from_importance([[0.9, 0.1], [0.1, 0.9]])
+  assert d == pytest.approx(0.5310044064, abs=1e-9)
+  assert c == pytest.approx(0.5310044064, abs=1e-9)
+  # A generic 3-D rotation (Euler angles 0.3, 0.7, 1.1) and an unequal, non-square matrix:
+  # the library's formulas written above (agreement to its 1e-11 offset).
+  def rot(axis, a):
+    m = np.eye(3)
+    i, j = [k for k in range(3) if k != axis]
+    m[i, i] = m[j, j] = np.cos(a)
+    m[i, j], m[j, i] = -np.sin(a), np.sin(a)
+    return m
+  q3 = rot(0, 0.3) @ rot(1, 0.7) @ rot(2, 1.1)
+  np.testing.assert_allclose(q3 @ q3.T, np.eye(3), atol=1e-12)
+  for r in (q3 * q3, np.array([[0.5, 0.1, 0.0], [0.2, 0.6, 0.3], [0.3, 0.3, 0.7],
+                               [0.0, 0.0, 0.0]])):
+    np.testing.assert_allclose(dis.dci_from_importance(r), _library_dci_scores(r), atol=1e-8)
+
+
+def test_dci_default_is_the_librarys():
+  """dci's defaults reproduce disentanglement_lib's pipeline: a GradientBoostingClassifier with
+  sklearn's default settings per (discrete) factor, fitted on the raw latents; R[:, k] =
+  |feature_importances_|; informativeness = mean test accuracy. The reference below is written
+  from that description (random_state pinned on both sides: it only breaks ties)."""
+  rng = np.random.default_rng(0)
+  n = 500
+  f = rng.integers(0, 4, size=(n, 2)).astype(float)  # discrete: kept as classes, no binning
+  a = 0.6  # radians: each latent mixes both factors
+  rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+  z = np.concatenate([f @ rot.T + 0.05 * rng.normal(size=(n, 2)), rng.normal(size=(n, 1))], 1)
+  ztr, zte, ftr, fte = z[:400], z[400:], f[:400], f[400:]
+  got = dis.dci(ztr, ftr, zte, fte, seed=3)
+
+  importance = np.zeros((3, 2))
+  acc_test, acc_train = [], []
+  for k in range(2):
+    model = GradientBoostingClassifier(random_state=3).fit(ztr, ftr[:, k])
+    importance[:, k] = np.abs(model.feature_importances_)
+    acc_test.append(np.mean(model.predict(zte) == fte[:, k]))
+    acc_train.append(np.mean(model.predict(ztr) == ftr[:, k]))
+  d_ref, c_ref = _library_dci_scores(importance)
+  np.testing.assert_allclose(got["importance"], importance, atol=1e-12)
+  assert got["disentanglement"] == pytest.approx(d_ref, abs=1e-8)
+  assert got["completeness"] == pytest.approx(c_ref, abs=1e-8)
+  assert got["informativeness"] == pytest.approx(np.mean(acc_test), abs=1e-12)
+  assert got["informativeness_train"] == pytest.approx(np.mean(acc_train), abs=1e-12)
+  s = got["settings"]
+  assert (s["mode"], s["estimator"], s["num_trees"], s["max_depth"], s["learning_rate"]) == (
+      "classification", "GradientBoostingClassifier", 100, 3, 0.1)
+  assert s["disentanglement_lib_settings"] and s["informativeness_measure"] == "test accuracy"
+  assert "disentanglement_lib's settings" in s["description"]
+  short = dis.dci(ztr, ftr, zte, fte, num_trees=10, seed=3)["settings"]
+  assert not short["disentanglement_lib_settings"] and "NOT" in short["description"]
+
+
+def test_dci_regression_mode_says_what_it_is_and_handles_an_angle():
+  rng = np.random.default_rng(1)
+  n = 600
+  theta = rng.uniform(-np.pi, np.pi, n)
+  b = rng.uniform(0, 1, n)
+  f = np.stack([theta, b], 1)
+  z = np.stack([np.cos(theta), np.sin(theta), b, rng.normal(size=n)], 1)
+  r = dis.dci(z[:450], f[:450], z[450:], f[450:], mode="regression", circular=[True, False])
+  s = r["settings"]
+  assert s["estimator"] == "GradientBoostingRegressor" and s["num_bins"] is None
+  assert s["informativeness_measure"] == "test R^2" and not s["disentanglement_lib_settings"]
+  assert s["circular"] == [True, False]
+  # theta is read from latents 0 and 1 (fitted as cos and sin), b from latent 2 alone; each
+  # importance column sums to 1 (the angle's is the mean of two columns that do).
+  np.testing.assert_allclose(r["importance"].sum(0), 1.0, atol=1e-9)
+  assert r["importance"][:2, 0].sum() > 0.95 and r["importance"][2, 1] > 0.95
+  assert r["informativeness_per_factor"][0] > 0.95 and r["informativeness_per_factor"][1] > 0.95
+
+
+def test_discretize_circular_by_hand():
+  # 4 bins over [-pi, pi): edges -pi/2, 0, pi/2; values wrapped to [-pi, pi) first.
+  np.testing.assert_allclose(dis.circular_bin_edges(4), [-np.pi / 2, 0.0, np.pi / 2])
+  theta = np.array([-np.pi, np.pi, -np.pi / 2 - 1e-9, -np.pi / 2, 0.0, 3.0, np.pi - 1e-9,
+                    2 * np.pi + 0.1, -3.2])
+  expected = [0, 0, 0, 1, 2, 3, 3, 2, 3]  # pi == -pi; 2 pi + 0.1 -> 0.1; -3.2 -> 3.083
+  (labels,) = dis.discretize_factors(theta[:, None], num_bins=4, circular=[True])
+  np.testing.assert_array_equal(labels[:, 0], expected)
+  # The bins do not follow the observed range: angles in [0, 0.5] all fall in bin 2, while a
+  # non-circular column over the same values is cut into 4 bins of its own range.
+  small = np.linspace(0, 0.5, 50)[:, None]
+  (lab_c,) = dis.discretize_factors(small, num_bins=4, circular=[True])
+  (lab_r,) = dis.discretize_factors(small, num_bins=4)
+  assert set(lab_c[:, 0]) == {2} and set(lab_r[:, 0]) == {0, 1, 2, 3}
+  with pytest.raises(ValueError, match="one bool per factor"):
+    dis.discretize_factors(small, circular=[True, False])
+
+
+def test_mig_circular_uses_the_circle_bins():
+  """MIG with circular=[True] equals MIG of the hand-computed circle-bin labels (passed as a
+  discrete factor: <= num_bins distinct values are kept as classes)."""
+  rng = np.random.default_rng(2)
+  n = 3000
+  delta = rng.uniform(-0.5, 0.5, n)
+  theta = np.mod(np.pi + delta + np.pi, 2 * np.pi) - np.pi  # near the -pi / pi cut
+  z = np.stack([delta, rng.normal(size=n)], 1)
+  labels = np.floor((theta + np.pi) / (2 * np.pi / 20)).astype(int)
+  got = dis.mig(z, theta[:, None], circular=[True])
+  ref = dis.mig(z, labels[:, None].astype(float))
+  np.testing.assert_allclose(got["mutual_info"], ref["mutual_info"], atol=1e-12)
+  assert got["mig"] == pytest.approx(ref["mig"], abs=1e-12)
+  # delta determines the bin: MIG near 1 (the plug-in noise-latent MI is small with 3000 samples).
+  assert got["mig"] > 0.85
 
 
 def test_dci_bad_mode(data):
