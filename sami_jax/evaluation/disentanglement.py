@@ -218,15 +218,17 @@ def dci(z_train, f_train, z_test, f_test, *, mode: str = "classification",
   - random_state=seed, where disentanglement_lib leaves it unset: with all features considered
     at every split it only breaks ties between equally good splits, and fixing it makes the
     score reproducible.
-  - disentanglement_lib adds 1e-11 to R before the entropies; that moves the scores by < 1e-9
-    and is not done here. With K = 1 (or d = 1) the entropy base is 1, which disentanglement_lib
+  - disentanglement_lib adds 1e-11 to R before the entropies; that moves a score by about 1e-10
+    per zero entry of R and is not done here. With K = 1 (or d = 1) the entropy base is 1, which disentanglement_lib
     turns into NaN; here that score is defined as 1 (see `dci_from_importance`).
 
   Fewer trees are not a faithful shortcut: the importances of 10 stages differ from those of 100,
-  e.g. on latents that rotate the factors (measured on 800 samples of 3 uniform factors, 5 bins:
-  disentanglement 0.262 with 10 stages against 0.176 with 100 and with disentanglement_lib's
-  own code). Cost: one tree per class per stage, so about num_bins * 100 trees per factor;
-  measured on a 2-core CPU with 800 train samples, d = 3, K = 3: 8 s (5 bins), 30 s (20 bins).
+  e.g. on latents that rotate the factors (measured on 800 samples of 3 uniform factors mixed by a
+  random rotation, 5 bins: disentanglement 0.262 with 10 stages, 0.177 with 100, and 0.176 from
+  the library's recipe run directly: sklearn's GradientBoostingClassifier() and scipy entropies).
+  Cost: one tree per class per stage, so about num_bins * 100 trees per factor; measured on a
+  2-core CPU, 2,000 train + 2,000 test samples, d = 10, K = 3 continuous factors, 20 bins: 85 s
+  (mode="regression" on the same arrays: 2.3 s).
 
   mode="regression" is NOT part of disentanglement_lib; it is an extension for continuous factors
   (no binning): a GradientBoostingRegressor (squared error, same num_trees / max_depth /
@@ -234,8 +236,9 @@ def dci(z_train, f_train, z_test, f_test, *, mode: str = "classification",
   test R^2 (1 - SS_res / SS_tot) instead of an accuracy. A circular factor is fitted as two
   regressors, on cos(theta) and sin(theta); its importance column is the mean of the two
   (still summing to 1) and its R^2 is the pooled R^2 over both targets (`probes.pooled_r2`).
-  Its D and C are not comparable with published DCI numbers, and its informativeness is not
-  comparable with classification accuracy.
+  Its D and C are not comparable with published DCI numbers (on the arrays of the timing above:
+  disentanglement 0.52 in regression mode, 0.14 in classification mode), and its
+  informativeness is not comparable with classification accuracy.
 
   Args:
     z_train, f_train: [N, d] latents and [N, K] factors used to fit the trees.
