@@ -3,7 +3,7 @@
     import sami_jax
     model = sami_jax.load("/path/to/workdir")          # newest checkpoint, EMA params
     mean, std = model.encode(images)                   # images: uint8 [0, 255] or float [-1, 1]
-    recon = model.reconstruct(images, steps=50)        # float32 [N, H, W, C] in [-1, 1]
+    recon = model.reconstruct(images)                  # float32 [N, H, W, C] in [-1, 1]
     samples = model.generate(16, seed=0)               # z ~ N(0, I)
     row = model.traverse(images[0], dim=0, values=np.linspace(-2, 2, 7))
     path = model.interpolate(images[0], images[1], n=8)
@@ -33,7 +33,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from sami_jax import configlib
 from sami_jax import samplers
 from sami_jax.utils import images as images_lib
 
@@ -103,34 +102,35 @@ class Model:
     """Wraps params for a config (e.g. from `load`, or freshly initialised for benchmarks).
 
     Args:
-      config: a full config (configlib.default_config() with the run's overrides).
+      config: a full config (sami_jax.configlib.default_config() with the run's overrides).
       params: {"denoiser": ..., "encoder": ...} matching `config.model`.
       step: the training step the params come from (informational).
       batch_size: rows per compiled call; larger is faster per image and uses more memory.
     """
-    # Imported here so `import sami_jax.api` does not pull in the training code's dependencies
-    # (optax, orbax, the data pipeline) until a model is actually built.
-    from sami_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+    # Imported here so `import sami_jax.api` does not pull in the model code's dependencies
+    # (flax, orbax, the data pipeline) until a model is actually built.
+    from sami_jax import inference  # pylint: disable=g-import-not-at-top
     if int(batch_size) < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     self.config = config
     self.step = int(step)
     self.batch_size = int(batch_size)
     self.params = jax.device_put(params)
-    self._denoiser, self._encoder, self._schedule = train_lib.components(config)
-    s, c = int(config.data.image_size), int(config.data.channels)
-    self.image_shape: tuple[int, int, int] = (s, s, c)
+    self._comp = inference.components(config)
+    self.kind = self._comp.kind.name
+    self.image_shape: tuple[int, int, int] = self._comp.image_shape
     self.latent_dim: int = int(config.model.encoder.latent_dim)
-    self._has_encoder = config.model.kind != "ddpm"
-    tc = bool(config.model.encoder.time_conditioning)
-    encoder = self._encoder
+    self._has_encoder = self._comp.kind.has_encoder
+    # Whether encode() returns a posterior std (False for a deterministic encoder: diffae).
+    self.has_posterior = self._comp.kind.has_posterior
+    comp = self._comp
     # Jitted once per Model; jax caches one executable per (chunk shape, static args).
-    self._encode_chunk = jax.jit(
-        lambda params, x: samplers.encode(encoder, params, x, time_conditioning=tc))
+    self._encode_chunk = jax.jit(lambda p, x: samplers.encode(
+        comp.encoder, p, x, time_conditioning=comp.time_conditioning))
     self._decode_chunk = jax.jit(self._make_decode(), static_argnames=("steps",))
 
   def __repr__(self) -> str:
-    return (f"Model(kind={self.config.model.kind!r}, step={self.step}, "
+    return (f"Model(kind={self.kind!r}, step={self.step}, "
             f"image_shape={self.image_shape}, latent_dim={self.latent_dim}, "
             f"batch_size={self.batch_size})")
 
@@ -143,25 +143,23 @@ class Model:
     a batch is the batch-sum gradient anyway, and per-row keys make the result independent of
     how rows are grouped into chunks.
     """
-    denoiser, schedule = self._denoiser, self._schedule
-    encoder = self._encoder if self._has_encoder else None
-    image_shape = self.image_shape
+    from sami_jax import kinds  # pylint: disable=g-import-not-at-top
+    comp = self._comp
     s = self.config.sampling
     sampler, eta = s.sampler, float(s.eta)
-    tc = bool(self.config.model.encoder.time_conditioning)
-    kind = self.config.model.kind
 
     def one_row(params, z, noise_id, row_id, seed, gamma, steps):
-      if kind == "beta_vae":  # a one-shot decoder: no noise, no steps
-        return samplers.decoder_mean(denoiser, params, z[None])[0]
+      if not comp.kind.is_diffusion:  # a one-shot decoder: no noise, no steps
+        return samplers.decoder_mean(comp.image_model, params, z[None])[0]
       base = jax.random.PRNGKey(seed)
       init_key = jax.random.fold_in(jax.random.fold_in(base, _KEY_INIT_NOISE), noise_id)
       step_key = jax.random.fold_in(jax.random.fold_in(base, _KEY_STEP_NOISE), row_id)
-      x_init = jax.random.normal(init_key, (1,) + image_shape, jnp.float32)
-      eps_fn = samplers.eps_fn_for(kind, denoiser, encoder, params, z[None], gamma=gamma,
-                                   time_conditioning=tc, schedule=schedule)
-      return samplers.sample(eps_fn, schedule, x_init, step_key, steps=steps, sampler=sampler,
-                             eta=eta)[0]
+      x_init = jax.random.normal(init_key, (1,) + comp.image_shape, jnp.float32)
+      eps_fn = kinds.eps_fn(comp.kind, comp.image_model, comp.encoder, params, z[None],
+                            gamma=gamma, time_conditioning=comp.time_conditioning,
+                            schedule=comp.schedule)
+      return samplers.sample(eps_fn, comp.schedule, x_init, step_key, steps=steps,
+                             sampler=sampler, eta=eta)[0]
 
     def decode(params, z, noise_ids, row_ids, seed, gamma, *, steps):
       return jax.vmap(one_row, in_axes=(None, 0, 0, 0, None, None, None))(
@@ -225,7 +223,9 @@ class Model:
           "to encode, reconstruct, traverse or interpolate, load a SAMI run (model.kind 'sami' or "
           "'sami_frozen', e.g. one trained with configs/celeba_frozen.py from this checkpoint).")
 
-  def _check_steps(self, steps: int) -> int:
+  def _check_steps(self, steps: int | None) -> int:
+    if steps is None:  # the run's own setting, as in its training grids
+      steps = self.config.sampling.steps
     if int(steps) < 1:
       raise ValueError(f"steps must be >= 1 (reverse diffusion steps), got {steps}.")
     return int(steps)
@@ -236,13 +236,15 @@ class Model:
 
   # ------------------------------------------------------------------ public methods
 
-  def encode(self, images: Any) -> tuple[np.ndarray, np.ndarray]:
+  def encode(self, images: Any) -> tuple[np.ndarray, np.ndarray | None]:
     """Posterior mean and std of q(z | x) for clean images.
 
     Args:
       images: uint8 [0, 255] or float [-1, 1]; [H, W, C] or [N, H, W, C].
     Returns:
-      (mean, std), each float32 [N, d] (N = 1 for a single image).
+      (mean, std), each float32 [N, d] (N = 1 for a single image). A deterministic encoder
+      (model.kind 'diffae', `has_posterior` False) has no posterior: std is None, and mean is its
+      latent.
     """
     self._require_encoder("encode")
     x = self._images(images)
@@ -255,15 +257,16 @@ class Model:
     _pipelined(_chunks(n, self.batch_size),
                lambda start, stop, size: self._encode_chunk(
                    self.params, self._to_float(_pad_rows(x[start:stop], size))), collect)
-    return mean, std
+    return mean, (std if self.has_posterior else None)
 
-  def decode(self, z: Any, *, steps: int = 50, seed: int = 0,
+  def decode(self, z: Any, *, steps: int | None = None, seed: int = 0,
              guidance_scale: float | None = None, shared_noise: bool = False) -> np.ndarray:
     """Images generated under the guidance of given latents.
 
     Args:
       z: float [N, d] (or [d]) latents.
-      steps: reverse diffusion steps (config.sampling.sampler, DDIM by default).
+      steps: reverse diffusion steps of config.sampling.sampler; None: config.sampling.steps
+        (the run's own setting).
       seed: the noise seed (per-row keys, see the module docstring).
       guidance_scale: gamma; None uses config.sampling.guidance_scale.
       shared_noise: start every row from the same noise image (traversals, interpolations).
@@ -292,14 +295,14 @@ class Model:
                    np.uint32(seed), gamma, steps=steps), collect)
     return out
 
-  def reconstruct(self, images: Any, steps: int = 50, seed: int = 0, *,
+  def reconstruct(self, images: Any, steps: int | None = None, seed: int = 0, *,
                   use_mean: bool | None = None,
                   guidance_scale: float | None = None) -> np.ndarray:
     """Encodes images, then generates from their latents (the posterior mean by default).
 
     Args:
       images: uint8 [0, 255] or float [-1, 1]; [H, W, C] or [N, H, W, C].
-      steps: reverse diffusion steps.
+      steps: reverse diffusion steps; None: config.sampling.steps.
       seed: noise seed (also for z ~ q(z | x) when use_mean is False).
       use_mean: decode the posterior mean (True) or a sample; None: config.sampling.use_mean.
       guidance_scale: gamma; None uses config.sampling.guidance_scale.
@@ -309,11 +312,14 @@ class Model:
     self._require_encoder("reconstruct")
     mean, std = self.encode(images)
     use_mean = self.config.sampling.use_mean if use_mean is None else use_mean
+    if not use_mean and std is None:
+      raise ValueError(f"reconstruct(use_mean=False) samples z ~ q(z | x), but this "
+                       f"{self.kind} model's encoder is deterministic; use use_mean=True.")
     z = mean if use_mean else (
         mean + std * np.random.default_rng(seed).standard_normal(mean.shape).astype(np.float32))
     return self.decode(z, steps=steps, seed=seed, guidance_scale=guidance_scale)
 
-  def generate(self, n: int, seed: int = 0, steps: int = 50, *,
+  def generate(self, n: int, seed: int = 0, steps: int | None = None, *,
                guidance_scale: float | None = None) -> np.ndarray:
     """n new images: z ~ N(0, I), then guided generation (a ddpm model: unguided).
 
@@ -326,7 +332,7 @@ class Model:
     return self.decode(z, steps=steps, seed=seed, guidance_scale=guidance_scale)
 
   def traverse(self, image: Any, dim: int, values: Sequence[float] | np.ndarray | None = None,
-               steps: int = 50, seed: int = 0, *,
+               steps: int | None = None, seed: int = 0, *,
                guidance_scale: float | None = None) -> np.ndarray:
     """Varies latent `dim` of an image's posterior mean, the other dimensions fixed.
 
@@ -355,7 +361,7 @@ class Model:
     return self.decode(z, steps=steps, seed=seed, guidance_scale=guidance_scale,
                        shared_noise=True)
 
-  def interpolate(self, image_a: Any, image_b: Any, n: int, steps: int = 50, seed: int = 0, *,
+  def interpolate(self, image_a: Any, image_b: Any, n: int, steps: int | None = None, seed: int = 0, *,
                   guidance_scale: float | None = None) -> np.ndarray:
     """n images along the straight line between two images' posterior means, ends included.
 
@@ -390,8 +396,9 @@ def load(workdir: str, step: int | None = None, *, batch_size: int = 64) -> Mode
   Raises:
     FileNotFoundError: no checkpoint in workdir (or none for that step).
   """
-  from sami_jax import train as train_lib  # pylint: disable=g-import-not-at-top
-  config, params, restored_step = train_lib.restore_for_inference(
-      configlib.default_config(), workdir, step)
+  from sami_jax import inference  # pylint: disable=g-import-not-at-top
+  from sami_jax.utils import compile_cache  # pylint: disable=g-import-not-at-top
+  compile_cache.enable()
+  config, params, restored_step = inference.restore(workdir, step)
   return Model(config, params, restored_step, batch_size=batch_size)
 

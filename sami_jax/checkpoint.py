@@ -302,7 +302,8 @@ class Checkpointer:
     self.close()
 
 
-def restore_params_only(directory: str | os.PathLike, step: int | None = None) -> PyTree:
+def restore_params_only(directory: str | os.PathLike, step: int | None = None, *,
+                        return_step: bool = False) -> PyTree:
   """Parameters (numpy arrays) from another run's checkpoint directory.
 
   The state saved there is a dict with "params" (and usually "ema_params"); the EMA params are
@@ -312,8 +313,11 @@ def restore_params_only(directory: str | os.PathLike, step: int | None = None) -
     directory: a Checkpointer directory (e.g. <workdir>/checkpoints).
     step: which step; None means the newest intact one.
 
+    return_step: also return the step that was read.
+
   Returns:
-    The params pytree, e.g. {"denoiser": ..., "encoder": ...}, with np.ndarray leaves.
+    The params pytree, e.g. {"denoiser": ..., "encoder": ...}, with np.ndarray leaves (and the
+    step, with return_step).
   """
   directory = os.path.abspath(os.fspath(directory))
   if not os.path.isdir(directory):
@@ -341,7 +345,7 @@ def restore_params_only(directory: str | os.PathLike, step: int | None = None) -
   finally:
     reader.close()
   logging.info("Read params of step %d from %s.", s, directory)
-  return params
+  return (params, s) if return_step else params
 
 
 # Lock files held by WorkdirLock objects of this process: a lock naming this process's pid that is

@@ -5,12 +5,12 @@
 Trains every model kind (`--kinds`, default all) in DIR/<kind> with the config's step and batch
 budget and seed: first `ddpm` (the unconditional denoiser, which `sami_frozen` then starts from),
 then `sami`, `sami_frozen`, `beta_vae` and `diffae`. Each is evaluated by the same suite
-(evaluation/report.py: factor R^2, MIG, DCI, SAP, FactorVAE, reconstruction MSE, latent curvature on
+(evaluation/runner.py: factor R^2, MIG, DCI, SAP, FactorVAE, reconstruction MSE, latent curvature on
 disks_video), and DIR/comparison.{md,json} get one table, DIR/traversals.png one figure with every
 model's latent traversals side by side.
 
-The per-kind settings (`kind_config`) are the only differences between the runs; they are written
-into the table's notes. The command is resumable: a kind whose run is finished (its summary.json
+The per-kind settings (each kind's `compare_setup` in kinds.py, applied by `kind_config`) are the
+only differences between the runs; they are written into the table's notes. The command is resumable: a kind whose run is finished (its summary.json
 says so) is not retrained, and an evaluated step is not re-evaluated; a kind interrupted in the
 middle resumes from its last checkpoint.
 """
@@ -35,36 +35,32 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the runs and the comparison.")
 _KINDS = flags.DEFINE_list("kinds", None, "Model kinds to compare (default: all of KINDS).")
 
-# The order matters: sami_frozen starts from the ddpm run's denoiser.
-KINDS = ("ddpm", "sami", "sami_frozen", "beta_vae", "diffae")
+
+
+def _comparison_order() -> tuple[str, ...]:
+  """Every kind, those without latents (the denoiser pre-training that kinds on a frozen denoiser
+  start from) first, then the rest in the registry's order."""
+  from sami_jax import kinds  # pylint: disable=g-import-not-at-top
+  pre = [k for k, v in kinds.KINDS.items() if not v.has_encoder]
+  return tuple(pre + [k for k in kinds.KINDS if k not in pre])
+
+
+# The order matters: a kind on a frozen denoiser starts from the ddpm run's denoiser.
+KINDS = _comparison_order()
 # The report sections the comparison reads (the rest of the suite does not differ by kind here).
-SECTIONS = "latents,disentanglement,reconstruction,straightness,grids"
-# What changes per kind, on top of the base config (written into the table's notes).
-KIND_NOTES = {
-    "ddpm": "unconditional denoiser (pre-training for sami_frozen); no latent",
-    "sami": "base config",
-    "sami_frozen": "encoder only on the ddpm run's frozen denoiser; lr x 0.5, "
-                   "high-noise time sampling (power 0.5)",
-    "beta_vae": "conv decoder (model.decoder), Gaussian likelihood obs_std "
-                "model.decoder.obs_std, KL weight objective.vae_beta",
-    "diffae": "deterministic encoder, z -> U-Net adaptive group norm; simple loss, uniform t",
-}
+SECTIONS = "latents,disentanglement,elbo,denoising,reconstruction,speckle,straightness,grids"
 
 
 def kind_config(base, kind: str, workdir: str):
-  """The config of one kind's run: the base config with model.kind and KIND_NOTES' changes."""
+  """The config of one kind's run: the base config with model.kind and the kind's comparison
+  settings (its `compare_setup` in kinds.py, described by its `compare_note`)."""
   from sami_jax import configlib  # pylint: disable=g-import-not-at-top
-  from sami_jax import train  # pylint: disable=g-import-not-at-top
-  c = train.config_from_json(train.config_to_json(base))
+  from sami_jax import kinds  # pylint: disable=g-import-not-at-top
+  c = configlib.copy(base)
   c.model.kind = kind
-  if kind == "ddpm":
-    c.train.probe_at_end = False
-  elif kind == "sami_frozen":
-    configlib.use_frozen_denoiser(c)
-    c.model.denoiser_checkpoint = os.path.join(workdir, "ddpm")
-  elif kind == "diffae":
-    c.diffusion.weighting = "simple"
-    c.diffusion.time_sampling = "uniform"
+  setup = kinds.get(kind).compare_setup
+  if setup is not None:
+    setup(c, workdir)
   c.eval.sections = SECTIONS
   return c
 
@@ -82,12 +78,11 @@ def run_kind(base, kind: str, workdir: str) -> dict[str, Any]:
   """Trains (unless finished) and evaluates one kind; returns its summary and report."""
   from sami_jax import configlib  # pylint: disable=g-import-not-at-top
   from sami_jax import train  # pylint: disable=g-import-not-at-top
-  from sami_jax.evaluation import report  # pylint: disable=g-import-not-at-top
+  from sami_jax.evaluation import runner  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   run_dir = os.path.join(workdir, kind)
   config = kind_config(base, kind, workdir)
   configlib.validate(config, jax.device_count(), jax.process_count())
-  report.validate_eval(config)
   summary = _finished(run_dir, config.train.num_steps)
   if summary is None:
     logging.info("compare: training %s in %s.", kind, run_dir)
@@ -100,7 +95,7 @@ def run_kind(base, kind: str, workdir: str) -> dict[str, Any]:
   report_path = os.path.join(run_dir, "eval", str(config.train.num_steps), "report.json")
   if not os.path.exists(report_path):
     t0 = time.time()
-    report_path = report.run(config, run_dir)
+    report_path = runner.run(config, run_dir)
     logging.info("compare: evaluated %s in %.1f s.", kind, time.time() - t0)
   with open(report_path) as f:
     rep = json.load(f)
@@ -128,29 +123,50 @@ def _section(res, name):
 
 
 def table_rows(results: dict[str, dict], factor_names: list[str]) -> tuple[list[str], list[list]]:
-  """(header, rows) of the comparison table; one row per kind with latents."""
+  """(header, rows) of the comparison table; one row per kind (latent columns n/a without one).
+
+  Both factor sets of Disks are shown: the stored Cartesian one (x, y, ...) and the polar one
+  (r, theta about the image centre, ...); "aligned" says which one the latents follow
+  (evaluation/factors.py's rule), and MIG / DCI are given for both.
+  """
+  from sami_jax import kinds  # pylint: disable=g-import-not-at-top
+  polar_names = (["r", "theta"] + [n for n in factor_names if n not in ("x", "y")]
+                 if {"x", "y"} <= set(factor_names) else [])
   header = (["kind"] + [f"R2 linear {n}" for n in factor_names]
             + [f"R2 kNN {n}" for n in factor_names]
-            + ["MIG", "DCI D", "DCI C", "DCI I", "SAP", "FactorVAE", "recon MSE",
-               "latent curvature (deg)", "pixel curvature (deg)", "train wall (s)", "steps/s"])
+            + [f"R2 linear {n} (polar)" for n in polar_names]
+            + [f"R2 kNN {n} (polar)" for n in polar_names]
+            + ["aligned", "MIG", "MIG (polar)", "DCI D", "DCI D (polar)", "DCI C", "DCI I",
+               "SAP", "FactorVAE", "bound (bits/dim)", "recon MSE", "bg std recon",
+               "bg std samples", "latent curvature (deg)", "pixel curvature (deg)",
+               "train wall (s)", "steps/s"])
   rows = []
+  # The pre-training a kind on a frozen denoiser needs is part of its cost.
   ddpm_wall = results.get("ddpm", {}).get("summary", {}).get("wall_time_s")
   for kind, res in results.items():
-    if kind == "ddpm":
-      continue
     dis = _section(res, "disentanglement")
+    sets = dis.get("sets", {})
+    cart, polar = sets.get("cartesian", {}), sets.get("polar", {})
     rec = _section(res, "reconstruction")
     st = _section(res, "straightness")
-    nf = len(factor_names)
+    sp = _section(res, "speckle")
+    bound = _section(res, "elbo")
+    nf, npol = len(factor_names), len(polar_names)
     wall = res["summary"].get("wall_time_s")
     wall_cell = wall
-    if kind == "sami_frozen" and wall is not None and ddpm_wall is not None:
+    if (kinds.get(kind).needs_denoiser_checkpoint and wall is not None
+        and ddpm_wall is not None):
       wall_cell = f"{wall:.0f} (+{ddpm_wall:.0f} ddpm)"
-    rows.append([kind] + list(dis.get("linear_r2") or [None] * nf)
-                + list(dis.get("knn_r2") or [None] * nf)
-                + [dis.get("mig"), dis.get("dci_disentanglement"), dis.get("dci_completeness"),
-                   dis.get("dci_informativeness"), dis.get("sap"), dis.get("factorvae"),
-                   rec.get("mse"), st.get("latent_curvature"), st.get("pixel_curvature"),
+    rows.append([kind] + list(cart.get("linear_r2") or [None] * nf)
+                + list(cart.get("knn_r2") or [None] * nf)
+                + list(polar.get("linear_r2") or [None] * npol)
+                + list(polar.get("knn_r2") or [None] * npol)
+                + [dis.get("aligned"), cart.get("mig"), polar.get("mig"),
+                   cart.get("dci_disentanglement"), polar.get("dci_disentanglement"),
+                   dis.get("dci_completeness"), dis.get("dci_informativeness"), dis.get("sap"),
+                   dis.get("factorvae"), bound.get("total_bpd"), rec.get("mse"),
+                   sp.get("reconstructions_std"), sp.get("samples_std"),
+                   st.get("latent_curvature"), st.get("pixel_curvature"),
                    wall_cell, res.get("steps_per_sec")])
   return header, rows
 
@@ -172,11 +188,18 @@ def markdown(header, rows, base, kinds_run, hardware: str) -> str:
            "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
   lines += ["", "R^2 on the test split from latent means fitted on the train split (linear and "
-            "k-nearest-neighbours probes); MIG, DCI (regression), SAP and the FactorVAE score from "
-            "evaluation/disentanglement.py; reconstruction MSE in [-1, 1] pixel units; curvature "
-            "of latent trajectories of disks_video sequences (pixel curvature is the same data in "
-            "pixel space, identical for every kind). Per-kind settings:", ""]
-  lines += [f"- `{k}`: {KIND_NOTES[k]}" for k in kinds_run]
+            "k-nearest-neighbours probes), against the stored (Cartesian) factors and their polar "
+            "view (r, theta about the image centre; theta scored on cos/sin); 'aligned' is the "
+            "set the latents follow (evaluation/factors.py); DCI D and MIG for both sets, DCI C / "
+            "I, SAP and the FactorVAE score for the aligned one (evaluation/disentanglement.py; "
+            "DCI with disentanglement_lib's settings unless eval.dci_mode says otherwise); the "
+            "bound on -log p(x) in bits/dim (evaluation/elbo.py; n/a where a kind has none); "
+            "reconstruction MSE in [-1, 1] pixel units; bg std: the std of the uniform "
+            "background of reconstructions and of samples (the data's is 0); curvature of latent "
+            "trajectories of disks_video sequences (pixel curvature is the same data in pixel "
+            "space, identical for every kind). Per-kind settings:", ""]
+  from sami_jax import kinds  # pylint: disable=g-import-not-at-top
+  lines += [f"- `{k}`: {kinds.get(k).compare_note}" for k in kinds_run]
   lines.append("")
   return "\n".join(lines)
 
@@ -184,7 +207,7 @@ def markdown(header, rows, base, kinds_run, hardware: str) -> str:
 def traversal_figure(results: dict[str, dict], out_path: str) -> str | None:
   """One PNG with every kind's traversals.png side by side, each under its kind's name."""
   from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
-  from sami_jax.evaluation import report  # pylint: disable=g-import-not-at-top
+  from sami_jax.evaluation import plots  # pylint: disable=g-import-not-at-top
   panels = []
   for kind, res in results.items():
     grids = _section(res, "grids")
@@ -203,7 +226,7 @@ def traversal_figure(results: dict[str, dict], out_path: str) -> str | None:
   draw = ImageDraw.Draw(fig)
   x = pad
   for kind, p in panels:
-    draw.text((x, pad // 2), kind, fill=(0, 0, 0), font=report._font(12))  # pylint: disable=protected-access
+    draw.text((x, pad // 2), kind, fill=(0, 0, 0), font=plots.font(12))
     fig.paste(p, (x, pad + title))
     x += p.width + pad
   fig.save(out_path)
@@ -213,14 +236,16 @@ def traversal_figure(results: dict[str, dict], out_path: str) -> str | None:
 def compare(base, workdir: str, kinds: list[str] | None = None) -> dict[str, Any]:
   """Runs the comparison; returns the JSON it writes to workdir/comparison.json."""
   import jax  # pylint: disable=g-import-not-at-top
+  from sami_jax import kinds as kinds_lib  # pylint: disable=g-import-not-at-top
   from sami_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   kinds = list(kinds or KINDS)
   unknown = [k for k in kinds if k not in KINDS]
   if unknown:
     raise ValueError(f"--kinds names unknown kinds {unknown}; use a subset of {list(KINDS)}.")
-  if "sami_frozen" in kinds and "ddpm" not in kinds and not os.path.isdir(
-      os.path.join(workdir, "ddpm")):
-    raise ValueError("sami_frozen starts from the ddpm run in WORKDIR/ddpm: add ddpm to --kinds.")
+  frozen = [k for k in kinds if kinds_lib.get(k).needs_denoiser_checkpoint]
+  if frozen and "ddpm" not in kinds and not os.path.isdir(os.path.join(workdir, "ddpm")):
+    raise ValueError(f"{', '.join(frozen)} starts from the ddpm run in WORKDIR/ddpm: add ddpm to "
+                     "--kinds.")
   if base.data.name != "disks":
     raise ValueError(f"The comparison needs Disks' ground-truth factors; the config uses "
                      f"data.name={base.data.name!r}. Use --config=configs/disks.py:compare.")
@@ -234,7 +259,7 @@ def compare(base, workdir: str, kinds: list[str] | None = None) -> dict[str, Any
               f"{os.cpu_count()} CPU cores")
   out = {"header": header, "rows": rows, "kinds": kinds, "hardware": hardware,
          "num_steps": base.train.num_steps, "batch_size": base.train.batch_size,
-         "seed": base.seed, "notes": {k: KIND_NOTES[k] for k in kinds},
+         "seed": base.seed, "notes": {k: kinds_lib.get(k).compare_note for k in kinds},
          "reports": {k: r["report_path"] for k, r in results.items()},
          "wall_time_s": time.time() - t0}
   fig = traversal_figure(results, os.path.join(workdir, "traversals.png"))
@@ -254,14 +279,16 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   cli.quiet_library_logs()
+  from sami_jax.utils import compile_cache  # pylint: disable=g-import-not-at-top
+  compile_cache.enable()
   try:
-    compare(_CONFIG.value, _WORKDIR.value, _KINDS.value)
+    compare(_CONFIG.value, os.path.expanduser(_WORKDIR.value), _KINDS.value)
   except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as e:
     if not cli.raised_by_sami_jax(e):
       raise
     print(f"Error: {e}", file=sys.stderr)
     sys.exit(2)
-  with open(os.path.join(_WORKDIR.value, "comparison.md")) as f:
+  with open(os.path.join(os.path.expanduser(_WORKDIR.value), "comparison.md")) as f:
     print(f.read())
 
 

@@ -1,17 +1,23 @@
-"""The one place where every config knob is defined, with its default, and validated.
+"""The config's whole life cycle: every knob with its default, validation, JSON, and the merge of
+a run's saved config with the one given at inference time.
 
 Every file in `configs/` starts from `default_config()` and overrides fields. Because every knob
 exists here, `--config.model.encoder.latnet_dim=4` (a typo) fails loudly, and a config is checked
-by `validate` before anything is compiled.
+by `validate` (the one validation every other module relies on) before anything is compiled.
+
+    c = default_config(); ...; validate(c, num_devices)
+    text = to_json(c); c2 = from_json(text)             # saved with every checkpoint
+    cfg = for_inference(saved_config, given_config)     # --mode=sample|eval|export, the API
 """
 
 from __future__ import annotations
 
+import json
+import math
+import os
+
 import ml_collections
 
-MODEL_KINDS = ("sami", "sami_frozen", "ddpm", "beta_vae", "diffae")
-# Kinds whose image model is a diffusion denoiser (beta_vae has a one-shot conv decoder).
-DIFFUSION_KINDS = ("sami", "sami_frozen", "ddpm", "diffae")
 PRIORS = ("normal", "latent_diffusion")
 DATASETS = ("disks", "disks_video", "celeba", "folder")
 SCHEDULES = ("cosine", "linear")
@@ -22,6 +28,12 @@ SCALE_PARAMS = ("softplus", "exp")
 SAMPLERS = ("ddim", "ddpm")
 POOLS = ("flatten", "mean")
 DTYPES = ("float32", "bfloat16")
+LR_DECAYS = ("constant", "cosine")
+DCI_MODES = ("regression", "classification")
+EXPORT_FORMATS = ("npz", "parquet")
+# The sections of the evaluation report (evaluation/runner.py implements one per name).
+EVAL_SECTIONS = ("latents", "disentanglement", "elbo", "denoising", "reconstruction", "speckle",
+                 "straightness", "attributes", "fid", "grids")
 
 
 class ConfigError(ValueError):
@@ -162,7 +174,7 @@ def default_config() -> ml_collections.ConfigDict:
   # ---------------------------------------------------------------- eval
   c.eval = v = ml_collections.ConfigDict()
   v.num_examples = 2000      # examples encoded for the probes and metrics.
-  v.num_recon = 64           # images reconstructed for MSE/PSNR.
+  v.num_recon = 64           # images reconstructed for MSE/PSNR (and per set for the speckle).
   v.export_split = "test"    # --mode=export: the split whose latents are written.
   v.export_format = "npz"   # --mode=export: "npz" or "parquet".
   # --mode=eval (evaluation/report.py). Its eval.* and sampling.* fields come from the config
@@ -172,9 +184,10 @@ def default_config() -> ml_collections.ConfigDict:
   v.batch_size = 64          # examples per jitted evaluation call (the last batch is padded).
   v.num_elbo_examples = 256  # test examples in the ELBO (bits/dim) estimate.
   v.elbo_t_samples = 8       # stratified Monte Carlo samples of t per example for the ELBO.
-  v.num_ablation_examples = 256  # test examples in the guidance ablation (gamma 1 vs 0).
-  v.ablation_buckets = 10    # equal-width buckets of t in the guidance ablation.
-  v.dci_mode = "regression"  # DCI: "regression" (continuous factors) or "classification".
+  v.num_ablation_examples = 256  # test examples in the denoising section (eps-MSE per t).
+  v.ablation_buckets = 10    # equal-width buckets of t there (with gamma 1 vs 0 for SAMI).
+  v.dci_mode = "classification"  # DCI: "classification" (disentanglement_lib: boosted trees on
+                             # binned factors) or "regression" (our extension, see dci()).
   v.factorvae_votes = 2000   # FactorVAE score: majority-vote training votes (half as many eval).
   v.num_video = 100          # disks_video test sequences for the straightness measure.
   v.num_interpolations = 4   # pairs of test images in the interpolation grid.
@@ -292,8 +305,9 @@ def parse_mesh(spec: str, num_devices: int) -> dict[str, int]:
 def validate(c: ml_collections.ConfigDict, num_devices: int | None = None,
              num_processes: int = 1) -> None:
   """Checks a config before anything is compiled. Raises ConfigError naming the field."""
+  from sami_jax import kinds  # pylint: disable=g-import-not-at-top  (kinds imports jax)
   _one_of(c, "data.name", c.data.name, DATASETS)
-  _one_of(c, "model.kind", c.model.kind, MODEL_KINDS)
+  _one_of(c, "model.kind", c.model.kind, tuple(kinds.KINDS))
   _one_of(c, "model.dtype", c.model.dtype, DTYPES)
   _one_of(c, "diffusion.schedule", c.diffusion.schedule, SCHEDULES)
   _one_of(c, "diffusion.weighting", c.diffusion.weighting, WEIGHTINGS)
@@ -303,6 +317,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None,
   _one_of(c, "sampling.sampler", c.sampling.sampler, SAMPLERS)
   _one_of(c, "model.encoder.pool", c.model.encoder.pool, POOLS)
   _one_of(c, "sampling.prior", c.sampling.prior, PRIORS)
+  _one_of(c, "optim.lr_decay", c.optim.lr_decay, LR_DECAYS)
+  _one_of(c, "eval.dci_mode", c.eval.dci_mode, DCI_MODES)
+  _one_of(c, "eval.export_format", c.eval.export_format, EXPORT_FORMATS)
+  eval_sections(c)
 
   for field in ("optim.lr", "train.batch_size", "train.num_steps", "train.log_every",
                 "train.ckpt_every", "data.image_size", "data.channels",
@@ -311,21 +329,26 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None,
                 "model.encoder.mean_init_scale",
                 "model.decoder.ch", "model.decoder.obs_std", "latent_prior.num_examples",
                 "latent_prior.width", "latent_prior.depth", "latent_prior.num_steps",
-                "latent_prior.batch_size", "latent_prior.lr", "latent_prior.sampling_steps"):
+                "latent_prior.batch_size", "latent_prior.lr", "latent_prior.sampling_steps",
+                "eval.batch_size", "eval.num_examples", "eval.num_recon",
+                "eval.num_elbo_examples", "eval.elbo_t_samples", "eval.num_ablation_examples",
+                "eval.ablation_buckets", "eval.factorvae_votes", "eval.num_video", "eval.num_fid",
+                "train.num_sample_images", "sampling.traverse_points"):
     obj = c
     for part in field.split("."):
       obj = obj[part]
-    if not obj > 0:
-      _fail(field, f"must be positive, got {obj!r}.")
+    if not (is_finite_number(obj) and obj > 0):
+      _fail(field, f"must be positive and finite, got {obj!r}.")
   for field in ("objective.beta_end", "optim.grad_clip", "optim.weight_decay",
                 "optim.warmup_steps", "train.sample_every", "train.keep_every",
                 "diffusion.num_timesteps", "data.num_workers", "sampling.eta",
-                "model.denoiser.dropout", "objective.vae_beta"):
+                "model.denoiser.dropout", "objective.vae_beta", "data.prefetch",
+                "eval.num_interpolations", "seed"):
     obj = c
     for part in field.split("."):
       obj = obj[part]
-    if obj < 0:
-      _fail(field, f"must be >= 0, got {obj!r}.")
+    if not (is_finite_number(obj) and obj >= 0):
+      _fail(field, f"must be >= 0 and finite, got {obj!r}.")
   if not 0.0 <= c.optim.ema_decay < 1.0:
     _fail("optim.ema_decay", f"must be in [0, 1), got {c.optim.ema_decay}.")
   e = c.model.encoder
@@ -336,12 +359,14 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None,
     _fail("diffusion.high_noise_power", "must be in (0, 1]; values < 1 oversample high noise.")
   if c.diffusion.logsnr_min >= c.diffusion.logsnr_max:
     _fail("diffusion.logsnr_min", "must be below diffusion.logsnr_max.")
+  if c.eval.inception_weights and not os.path.exists(os.path.expanduser(c.eval.inception_weights)):
+    _fail("eval.inception_weights", f"{c.eval.inception_weights!r} does not exist; see "
+          "sami_jax/evaluation/inception.py for how to make it, or set it to '' to skip FID.")
   if c.train.keep_ckpts < 1:
     _fail("train.keep_ckpts", "must keep at least 1 checkpoint.")
 
-  nets = [("denoiser", c.model.denoiser), ("encoder", c.model.encoder)]
-  if c.model.kind == "beta_vae":
-    nets.append(("decoder", c.model.decoder))
+  kind = kinds.get(c.model.kind)
+  nets = [(kind.image_model, c.model[kind.image_model]), ("encoder", c.model.encoder)]
   for name, sub in nets:
     levels = len(sub.ch_mult)
     if levels < 1:
@@ -357,9 +382,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None,
               f"{sub.num_groups} groups do not divide the {sub.ch * mult} channels of a level "
               f"(ch={sub.ch}, ch_mult={tuple(sub.ch_mult)}).")
 
-  if c.model.kind == "sami_frozen" and not c.model.denoiser_checkpoint:
+  if kind.needs_denoiser_checkpoint and not c.model.denoiser_checkpoint:
     _fail("model.denoiser_checkpoint",
-          "sami_frozen trains the encoder on a frozen denoiser: set it to the workdir of a "
+          f"{kind.name} trains the encoder on a frozen denoiser: set it to the workdir of a "
           "trained ddpm run (e.g. --config.model.denoiser_checkpoint=/path/to/ddpm_workdir).")
   if c.data.name == "folder" and not c.data.folder:
     _fail("data.folder", "the folder dataset needs --config.data.folder=/path/to/images.")
@@ -373,3 +398,104 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None,
       _fail("train.batch_size",
             f"{c.train.batch_size} is not divisible by the {num_devices} devices of the mesh "
             f"{sizes}; use a multiple of {num_devices}.")
+
+
+def eval_sections(c: ml_collections.ConfigDict) -> list[str]:
+  """The report sections config.eval.sections selects (all of EVAL_SECTIONS for "all")."""
+  text = c.eval.sections.strip()
+  if text in ("", "all"):
+    return list(EVAL_SECTIONS)
+  chosen = [s.strip() for s in text.split(",") if s.strip()]
+  unknown = [s for s in chosen if s not in EVAL_SECTIONS]
+  if unknown:
+    _fail("eval.sections", f"names unknown sections {unknown}; use 'all' or a comma-separated "
+          f"subset of {list(EVAL_SECTIONS)}.")
+  return chosen
+
+
+# ------------------------------------------------------------------------------ life cycle
+
+
+def to_dict(c: ml_collections.ConfigDict) -> dict:
+  """The config as plain JSON-serialisable Python (tuples become lists)."""
+  return json.loads(to_json(c))
+
+
+def to_json(c: ml_collections.ConfigDict) -> str:
+  """The config as JSON (sorted keys), as saved with every checkpoint."""
+  return json.dumps(c.to_dict(), sort_keys=True)
+
+
+def _tuplify(x):
+  if isinstance(x, dict):
+    return {k: _tuplify(v) for k, v in x.items()}
+  if isinstance(x, list):
+    return tuple(_tuplify(v) for v in x)
+  return x
+
+
+def from_json(text_or_dict: str | dict) -> ml_collections.ConfigDict:
+  """A config saved as JSON (or its dict), merged over the current defaults (lists become tuples
+  again); fields this version does not know are dropped with a warning."""
+  d = json.loads(text_or_dict) if isinstance(text_or_dict, str) else text_or_dict
+  config = default_config()
+  unknown = []
+
+  def merge(dst, src, prefix):
+    for k, v in src.items():
+      if k not in dst:
+        unknown.append(prefix + k)
+      elif isinstance(v, dict):
+        merge(dst[k], v, prefix + k + ".")
+      else:
+        dst[k] = _tuplify(v)
+  merge(config, d, "")
+  if unknown:
+    from absl import logging  # pylint: disable=g-import-not-at-top
+    logging.warning("Ignoring config fields this version does not know: %s", unknown)
+  return config
+
+
+def copy(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """An independent, unlocked-field-safe copy of a config (same fields, same values)."""
+  return from_json(to_json(c))
+
+
+# What a config given at inference time (--mode=sample|eval|export, sami_jax.compare, the API)
+# may change in a finished run's saved config: how to evaluate and sample, and where the data now
+# lives. Everything else (model, diffusion, data contents, seed) is the run's.
+INFERENCE_SECTIONS = ("eval", "sampling", "latent_prior")
+DATA_LOCATION_FIELDS = ("data_dir", "manual_dir", "folder", "num_workers", "prefetch")
+
+
+def for_inference(saved: ml_collections.ConfigDict | dict | str,
+                  given: ml_collections.ConfigDict | None) -> ml_collections.ConfigDict:
+  """The one merge of a run's saved config with the config given now.
+
+  The saved config decides the model, data and diffusion; the given config's eval.*,
+  sampling.* and latent_prior.* sections win (they are choices about evaluation and sampling),
+  and so do its data location fields (data.data_dir, manual_dir, folder, num_workers, prefetch)
+  when they are set (non-empty, non-default), since the data may live elsewhere on this machine.
+  """
+  cfg = saved if isinstance(saved, ml_collections.ConfigDict) else from_json(saved)
+  cfg = copy(cfg)
+  if given is None:
+    return cfg
+  defaults = default_config()
+  for section in INFERENCE_SECTIONS:
+    for key, value in given[section].items():
+      cfg[section][key] = value
+  for key in DATA_LOCATION_FIELDS:
+    value = given.data[key]
+    if value != defaults.data[key]:
+      cfg.data[key] = value
+  return cfg
+
+
+def frozen(c: ml_collections.ConfigDict) -> ml_collections.FrozenConfigDict:
+  """A hashable, immutable view of a config (a cache key for compiled functions)."""
+  return ml_collections.FrozenConfigDict(c)
+
+
+def is_finite_number(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

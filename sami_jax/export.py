@@ -7,7 +7,8 @@ writes `DIR/export/<split>_<step>.npz` (or `.parquet`) for the newest checkpoint
 
 npz arrays (row i is example i of the split, in stored order):
   id            int32 [N]          the example's id in its split
-  mean, std     float32 [N, d]     posterior mean and std of q(z | x) (video: [N, F, d])
+  mean, std     float32 [N, d]     posterior mean and std of q(z | x) (video: [N, F, d]); a
+                                   deterministic encoder (diffae) has no std array
   factors       float32 [N, K]     ground-truth factors (disks; video [N, F, K]), if any
   factor_names  str [K]            their names
   attributes    int32 [N, A]       binary attributes (celeba), if any
@@ -22,9 +23,9 @@ file; one row group per batch. The step and split are stored in the schema metad
 
 Memory stays bounded by one batch: each batch is encoded and written to disk before the next is
 read (npz: rows go into per-array .npy memmaps, which are then zipped chunk-wise; parquet: one row
-group per batch). The model and dataset come from the config saved with the run; only where the
-data lives (data.data_dir, data.folder, data.num_workers, data.prefetch) and eval.export_* are
-taken from the config given on the command line, since those may differ on this machine.
+group per batch). The model and dataset come from the config saved with the run; where the data lives
+(data.data_dir, data.folder, data.num_workers, data.prefetch) and eval.* are taken from the config
+given on the command line (configlib.for_inference), since those may differ on this machine.
 """
 
 from __future__ import annotations
@@ -40,25 +41,13 @@ import numpy as np
 from absl import logging
 
 from sami_jax import api
-from sami_jax import train as train_lib
+from sami_jax import configlib
+from sami_jax import inference
 from sami_jax.data import pipeline
 
 FORMATS = ("npz", "parquet")
 # Rows encoded per batch; memory use is about this many images plus their latents.
 DEFAULT_BATCH_SIZE = 256
-
-
-def _run_config(config: ml_collections.ConfigDict, saved: ml_collections.ConfigDict
-                ) -> ml_collections.ConfigDict:
-  """The saved run config, with this machine's data location and the export settings."""
-  run = ml_collections.ConfigDict(saved.to_dict())
-  for field in ("data_dir", "folder", "num_workers", "prefetch"):
-    value = config.data[field]
-    if value not in ("", None):
-      run.data[field] = value
-  run.eval.export_split = config.eval.export_split
-  run.eval.export_format = config.eval.export_format
-  return run
 
 
 def _names(config: ml_collections.ConfigDict) -> dict[str, list[str]]:
@@ -71,18 +60,19 @@ def _names(config: ml_collections.ConfigDict) -> dict[str, list[str]]:
 
 
 def _folder_files(config: ml_collections.ConfigDict, split: str) -> list[str] | None:
-  if config.data.name != "folder":
+  ds = pipeline.dataset_for(config)
+  if not hasattr(ds, "files"):
     return None
-  from sami_jax.data import folder  # pylint: disable=g-import-not-at-top
-  return folder.FolderDataset(config).files()[split]
+  return ds.files()[split]
 
 
 def _encode_batch(model: api.Model, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Model.encode on [B, H, W, C] or video [B, F, H, W, C] -> (mean, std) [B, (F,) d]."""
+  """Model.encode on [B, H, W, C] or video [B, F, H, W, C] -> (mean, std) [B, (F,) d]; std is
+  None for a deterministic encoder."""
   if images.ndim == 5:
     b, f = images.shape[:2]
     mean, std = model.encode(images.reshape((b * f,) + images.shape[2:]))
-    return mean.reshape(b, f, -1), std.reshape(b, f, -1)
+    return mean.reshape(b, f, -1), None if std is None else std.reshape(b, f, -1)
   return model.encode(images)
 
 
@@ -185,12 +175,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, step: int | None = N
   if fmt not in FORMATS:
     raise ValueError(f"config.eval.export_format={fmt!r} is not one of {list(FORMATS)}; use "
                      "--config.eval.export_format=npz (or parquet).")
-  saved_config, params, restored_step = train_lib.restore_for_inference(config, workdir, step)
-  run_config = _run_config(config, saved_config)
+  run_config, params, restored_step = inference.restore(workdir, step, given=config)
+  configlib.validate(run_config)
   split = run_config.eval.export_split
-  if run_config.model.kind == "ddpm":
-    raise ValueError(f"{workdir} holds an unconditional diffusion model (model.kind='ddpm'); it "
-                     "has no trained encoder, so there are no latents to export.")
+  if not inference.components(run_config).kind.has_encoder:
+    raise ValueError(f"{workdir} holds a model without latents (model.kind="
+                     f"{run_config.model.kind!r}, an unconditional diffusion model): it has no "
+                     "trained encoder, so there are no latents to export.")
   model = api.Model(run_config, params, restored_step, batch_size=batch_size)
   pipeline.prepare(run_config)
   ds = pipeline.dataset_for(run_config)
@@ -223,7 +214,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, step: int | None = N
   for batch in pipeline.eval_iterator(run_config, split, batch_size, num_examples=n):
     mask = np.asarray(batch["mask"], bool)
     mean, std = _encode_batch(model, np.asarray(batch["image"]))
-    rows = {"id": np.asarray(batch["id"], np.int32)[mask], "mean": mean[mask], "std": std[mask]}
+    rows = {"id": np.asarray(batch["id"], np.int32)[mask], "mean": mean[mask]}
+    if std is not None:
+      rows["std"] = std[mask]
     if "factors" in batch:
       rows["factors"] = np.asarray(batch["factors"], np.float32)[mask]
     if "attributes" in batch:

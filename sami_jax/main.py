@@ -83,23 +83,27 @@ def _main(argv):
   if multi_process_requested():
     _initialize_distributed()
   from sami_jax import configlib
-  from sami_jax import train
+  from sami_jax.utils import compile_cache
   config = _CONFIG.value
   import jax
   configlib.validate(config, jax.device_count(), jax.process_count())
+  compile_cache.enable()
+  workdir = os.path.expanduser(_WORKDIR.value)
   if _MODE.value == "train":
-    summary = train.train(config, _WORKDIR.value)
+    from sami_jax import train
+    summary = train.train(config, workdir)
     logging.info("Done: %s", json.dumps(summary))
   elif _MODE.value == "sample":
-    paths = train.sample(config, _WORKDIR.value)
+    from sami_jax import inference
+    paths = inference.sample(config, workdir)
     logging.info("Wrote %s", ", ".join(paths))
   elif _MODE.value == "eval":
-    from sami_jax.evaluation import report
-    out = report.run(config, _WORKDIR.value)
+    from sami_jax.evaluation import runner
+    out = runner.run(config, workdir)
     logging.info("Wrote %s", out)
   elif _MODE.value == "export":
     from sami_jax import export
-    out = export.run(config, _WORKDIR.value)
+    out = export.run(config, workdir)
     logging.info("Wrote %s", out)
 
 

@@ -77,6 +77,28 @@ def beta_at(objective_config, step: jax.Array) -> jax.Array:
   raise ValueError(f"unknown objective.beta_schedule {o.beta_schedule!r}.")
 
 
+def diffuse(x0: jax.Array, eps: jax.Array, alpha: jax.Array, sigma: jax.Array) -> jax.Array:
+  """The forward process x_t = alpha_t x0 + sigma_t eps. x0, eps: [B, H, W, C]; alpha, sigma: [B]."""
+  chex.assert_equal_shape((x0, eps))
+  return alpha[:, None, None, None] * x0 + sigma[:, None, None, None] * eps
+
+
+def bind_encoder(encoder, params, time_conditioning: bool) -> EncodeFn:
+  """The encoder with its params bound, as (x [B,H,W,C], t [B] or None) -> (mean, std) [B, d].
+
+  t reaches the network only when it is time conditioned (config.model.encoder.time_conditioning);
+  otherwise the encoder is blind to the noise level and t is dropped.
+  """
+  def encode_fn(x, t):
+    return encoder.apply({"params": params}, x, t if time_conditioning else None)
+  return encode_fn
+
+
+def encode_clean(encode_fn: EncodeFn, x0: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """q(z | x0) of clean images (t = 0 for a time-conditioned encoder): (mean, std), [B, d]."""
+  return encode_fn(x0, jnp.zeros((x0.shape[0],), jnp.float32))
+
+
 def guided_eps(eps_theta: jax.Array, encode_fn: EncodeFn, x_t: jax.Array, t: jax.Array,
                z: jax.Array, sigma_t: jax.Array, gamma: float | jax.Array
                ) -> tuple[jax.Array, jax.Array]:
@@ -101,9 +123,11 @@ def _inject_nan(loss: jax.Array, step: jax.Array, nan_step: int) -> jax.Array:
   return loss
 
 
-def make_vae_loss_fn(config, decoder, encoder
-                     ) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]]:
-  """The beta-VAE baseline's loss, same signature as `make_loss_fn`'s.
+LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def make_vae_loss_fn(config, decoder, encoder) -> LossFn:
+  """The beta-VAE baseline's loss, same signature as `make_diffusion_loss_fn`'s.
 
   Per example, normalised per pixel (D pixels):
     [ ||x0 - decoder(z)||^2 / (2 obs_std^2) + vae_beta * KL(q(z|x0) || N(0, I)) ] / D,
@@ -119,10 +143,9 @@ def make_vae_loss_fn(config, decoder, encoder
     del train
     x0 = batch["image"]
     chex.assert_rank(x0, 4)
-    b = x0.shape[0]
     num_pixels = math.prod(x0.shape[1:])
-    t_clean = jnp.zeros((b,), jnp.float32) if time_conditioning else None
-    mean, std = encoder.apply({"params": params["encoder"]}, x0, t_clean)
+    encode_fn = bind_encoder(encoder, params["encoder"], time_conditioning)
+    mean, std = encode_clean(encode_fn, x0)
     z = mean + std * jax.random.normal(rng, mean.shape, mean.dtype)
     x_rec = decoder.apply({"params": params["decoder"]}, z)
     chex.assert_equal_shape((x_rec, x0))
@@ -136,30 +159,36 @@ def make_vae_loss_fn(config, decoder, encoder
   return loss_fn
 
 
-def make_loss_fn(config, denoiser, encoder, schedule: schedules.Schedule | None = None
-                 ) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]]:
-  """Builds the pure loss `(params, batch, rng, step, *, train=True) -> (loss, per-example terms)`.
+LATENT_ROUTES = ("guidance", "adagn", "none")
 
-  The diffusion kinds (sami, sami_frozen, ddpm, diffae); "beta_vae" is `make_vae_loss_fn`.
-  diffae: eps_hat = eps_theta(x_t, t, cond=mean(x0)) (deterministic encoder, adaptive group norm,
-  no KL, no guidance).
+
+def make_diffusion_loss_fn(config, denoiser, encoder, schedule: schedules.Schedule, *,
+                           latent: str, frozen_denoiser: bool = False) -> LossFn:
+  """Builds the pure loss `(params, batch, rng, step, *, train=True) -> (loss, per-example terms)`
+  of a diffusion model whose latent reaches the denoiser by `latent`:
+
+    "guidance"  SAMI: eps_hat = eps_theta(x_t, t) - gamma sigma_t grad_x log q(z | x_t),
+                z ~ q(z | x0), plus beta * KL(q(z | x0) || N(0, I)).
+    "adagn"     DiffAE: eps_hat = eps_theta(x_t, t, cond=mean(x0)) (a deterministic encoder
+                feeding adaptive group norm; no KL, no guidance).
+    "none"      plain DDPM/VDM: eps_hat = eps_theta(x_t, t).
+
+  frozen_denoiser: the denoiser's params are stop-gradiented (encoder-only training).
 
   params: {"denoiser": ..., "encoder": ...}; batch["image"]: [B, H, W, C] in [-1, 1]; an optional
   batch["mask"]: [B] bool marks real rows (padding in evaluation). rng: a key used only for this
   step (the caller folds in the step). The loss is normalised per pixel so that it is of order 1
   (0.5 * ... is not applied: with the "simple" weighting the diffusion term is the mean squared error
-  of the noise prediction). Terms (each [B]):
-    diffusion: w(t) * mean over pixels of ||eps - eps_hat||^2
-    mse_uncond: mean over pixels of ||eps - eps_theta||^2 (what the denoiser alone achieves)
-    kl: KL(q(z|x0) || N(0, I)) in nats (0 for ddpm)
-    guidance_norm: RMS over pixels of gamma * sigma_t * g_t
-    posterior_std: mean over latent dims of std(x0)
-    t: the sampled times
+  of the noise prediction). Terms (each [B]; only those the route has):
+    diffusion: w(t) * mean over pixels of ||eps - eps_hat||^2              (every route)
+    mse_uncond: mean over pixels of ||eps - eps_theta||^2 (the denoiser alone)   (guidance)
+    kl: KL(q(z|x0) || N(0, I)) in nats                                       (guidance)
+    guidance_norm: RMS over pixels of gamma * sigma_t * g_t                   (guidance)
+    posterior_std: mean over latent dims of std(x0)                           (guidance)
+    t: the sampled times                                                      (every route)
   """
-  if config.model.kind == "beta_vae":
-    return make_vae_loss_fn(config, denoiser, encoder)
-  schedule = schedule or schedules.from_config(config)
-  kind = config.model.kind
+  if latent not in LATENT_ROUTES:
+    raise ValueError(f"latent={latent!r} is not one of {LATENT_ROUTES}.")
   weighting = config.diffusion.weighting
   gamma = config.diffusion.guidance_scale
   time_conditioning = config.model.encoder.time_conditioning
@@ -169,55 +198,42 @@ def make_loss_fn(config, denoiser, encoder, schedule: schedules.Schedule | None 
               step: jax.Array, *, train: bool = True):
     x0 = batch["image"]
     chex.assert_rank(x0, 4)
-    b = x0.shape[0]
     num_pixels = math.prod(x0.shape[1:])
     rng_t, rng_eps, rng_z, rng_drop = jax.random.split(rng, 4)
 
-    t = schedule.sample_t(rng_t, b)
+    t = schedule.sample_t(rng_t, x0.shape[0])
     alpha, sigma = schedule.alpha_sigma(t)
     eps = jax.random.normal(rng_eps, x0.shape, x0.dtype)
-    x_t = alpha[:, None, None, None] * x0 + sigma[:, None, None, None] * eps
+    x_t = diffuse(x0, eps, alpha, sigma)
 
     den_params = params["denoiser"]
-    if kind == "sami_frozen":
+    if frozen_denoiser:
       den_params = jax.lax.stop_gradient(den_params)
-
-    def encode_fn(x, tt):
-      return encoder.apply({"params": params["encoder"]}, x, tt if time_conditioning else None)
-    t_clean = jnp.zeros_like(t) if time_conditioning else None
-
-    # diffae: the deterministic latent (the encoder's mean) conditions the U-Net.
-    cond = {"cond": encode_fn(x0, t_clean)[0]} if kind == "diffae" else {}
+    encode_fn = bind_encoder(encoder, params["encoder"], time_conditioning)
+    cond = {"cond": encode_clean(encode_fn, x0)[0]} if latent == "adagn" else {}
     eps_theta = denoiser.apply({"params": den_params}, x_t, t, train=train,
                                rngs={"dropout": rng_drop}, **cond)
     chex.assert_equal_shape((eps_theta, x0))
 
-    zeros = jnp.zeros((b,), jnp.float32)
-    if kind in ("ddpm", "diffae"):
-      eps_hat, correction = eps_theta, jnp.zeros_like(eps_theta)
-      kl, post_std = zeros, zeros
-    else:
-      mean0, std0 = encode_fn(x0, t_clean)
+    terms = {"t": t}
+    eps_hat = eps_theta
+    per_example = jnp.zeros_like(t)
+    if latent == "guidance":
+      mean0, std0 = encode_clean(encode_fn, x0)
       z = mean0 + std0 * jax.random.normal(rng_z, mean0.shape, mean0.dtype)
       eps_hat, correction = guided_eps(eps_theta, encode_fn, x_t, t, z, sigma, gamma)
       kl = kl_to_standard_normal(mean0, std0)
-      post_std = jnp.mean(std0, axis=-1)
+      per_example = beta_at(config.objective, step) * kl / num_pixels
+      terms.update(
+          mse_uncond=jnp.mean((eps - eps_theta) ** 2, axis=(1, 2, 3)), kl=kl,
+          guidance_norm=jnp.sqrt(jnp.mean(correction ** 2, axis=(1, 2, 3))),
+          posterior_std=jnp.mean(std0, axis=-1))
 
     w = schedule.elbo_weight(t) if weighting == "elbo" else jnp.ones_like(t)
-    sq = jnp.mean((eps - eps_hat) ** 2, axis=(1, 2, 3))
-    diffusion = w * sq
-    beta = beta_at(config.objective, step)
-    per_example = diffusion + beta * kl / num_pixels
+    diffusion = w * jnp.mean((eps - eps_hat) ** 2, axis=(1, 2, 3))
+    per_example = per_example + diffusion
+    terms["diffusion"] = diffusion
     loss = _inject_nan(_batch_mean(per_example, batch), step, nan_step)
-
-    terms = {
-        "diffusion": diffusion,
-        "mse_uncond": jnp.mean((eps - eps_theta) ** 2, axis=(1, 2, 3)),
-        "kl": kl,
-        "guidance_norm": jnp.sqrt(jnp.mean(correction ** 2, axis=(1, 2, 3))),
-        "posterior_std": post_std,
-        "t": t,
-    }
     return loss, terms
 
   return loss_fn

@@ -1,13 +1,13 @@
 """Reverse-process samplers (DDIM, ancestral DDPM) and the SAMI conditional generators.
 
-Each sampler is one `jax.lax.scan` over a time grid; wrap the public functions in `jax.jit`
-(they are pure: models, params, z and keys in, images out). Conditional sampling calls `jax.grad`
-of the encoder's log q at every step (the guidance score).
+Each sampler is one `jax.lax.scan` over a time grid; callers wrap them in `jax.jit` (they are
+pure: models, params, z and keys in, images out; `inference.py` holds the jitted, per-model-kind
+versions). Conditional sampling calls `jax.grad` of the encoder's log q at every step (the
+guidance score).
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Callable
 
 import chex
@@ -89,13 +89,11 @@ def conditional_eps_fn(denoiser, encoder, params, z: jax.Array, *, gamma: float 
                        time_conditioning: bool = False,
                        schedule: schedules.Schedule) -> EpsFn:
   """eps_hat(x_t, t, z) = eps_theta(x_t, t) - gamma * sigma_t * grad_x log q(z | x_t)."""
-  def encode_fn(x, t):
-    return encoder.apply({"params": params["encoder"]}, x, t if time_conditioning else None)
+  encode_fn = objective.bind_encoder(encoder, params["encoder"], time_conditioning)
 
   def eps_fn(x, t):
     eps_theta = denoiser.apply({"params": params["denoiser"]}, x, t, train=False)
-    eps_hat, _ = objective.guided_eps(eps_theta, encode_fn, x, t, z,
-                                      schedule.sigma(t), gamma)
+    eps_hat, _ = objective.guided_eps(eps_theta, encode_fn, x, t, z, schedule.sigma(t), gamma)
     return eps_hat
   return eps_fn
 
@@ -115,68 +113,28 @@ def decoder_mean(decoder, params, z: jax.Array, *, clip: bool = True) -> jax.Arr
   return jnp.clip(x, -1.0, 1.0) if clip else x
 
 
-def eps_fn_for(kind: str, denoiser, encoder, params, z: jax.Array, *, gamma: float = 1.0,
-               time_conditioning: bool = False, schedule: schedules.Schedule) -> EpsFn:
-  """The noise prediction a diffusion kind samples with, given latents z [B, d] (see generate)."""
-  if kind == "beta_vae":
-    raise ValueError("beta_vae is not a diffusion model: decode with its decoder (generate).")
-  if encoder is None or kind == "ddpm":
-    return unconditional_eps_fn(denoiser, params)
-  if kind == "diffae":
-    return adagn_eps_fn(denoiser, params, z)
-  return conditional_eps_fn(denoiser, encoder, params, z, gamma=gamma,
-                            time_conditioning=time_conditioning, schedule=schedule)
+def initial_noise(rng: jax.Array, batch: int, image_shape: tuple[int, int, int], *,
+                  shared: bool = False) -> jax.Array:
+  """x_1 ~ N(0, I), [batch, H, W, C]; shared=True gives every row the same noise image (which is
+  what makes the rows of a traversal or an interpolation comparable)."""
+  noise = jax.random.normal(rng, ((1,) if shared else (batch,)) + tuple(image_shape), jnp.float32)
+  return jnp.broadcast_to(noise, (batch,) + tuple(image_shape))
 
 
-# ----------------------------------------------------------------------------- SAMI generators
-
-
-@functools.partial(jax.jit, static_argnames=("denoiser", "encoder", "schedule", "steps",
-                                             "sampler", "eta", "clip_x0", "time_conditioning",
-                                             "image_shape", "shared_noise", "kind"))
-def generate(denoiser, encoder, params, z: jax.Array, rng: jax.Array, *,
-             schedule: schedules.Schedule, image_shape: tuple[int, int, int],
-             gamma: float | jax.Array = 1.0, steps: int = 50, sampler: str = "ddim",
-             eta: float = 0.0, clip_x0: bool = True, time_conditioning: bool = False,
-             shared_noise: bool = False, kind: str = "sami") -> jax.Array:
-  """Images generated from latents z [B, d] -> [B, H, W, C], by model kind:
-
-  sami, sami_frozen: the reverse process under the encoder's score guidance (gamma = 0 samples
-  the denoiser alone). ddpm (or encoder=None): the unconditional denoiser, z only sets B.
-  diffae: the reverse process with z fed to the U-Net (adaptive group norm).
-  beta_vae: the decoder's mean image (one shot; `denoiser` is the ConvDecoder, clipped to [-1, 1]
-  when clip_x0). shared_noise=True starts every row from the same noise image, which is what makes
-  traversals and interpolations comparable.
-  """
-  if kind == "beta_vae":
-    return decoder_mean(denoiser, params, z, clip=clip_x0)
-  b = z.shape[0]
+def generate(eps_fn: EpsFn, schedule: schedules.Schedule, batch: int,
+             image_shape: tuple[int, int, int], rng: jax.Array, *, shared_noise: bool = False,
+             **sample_kw) -> jax.Array:
+  """Images [batch, H, W, C] from fresh noise under `eps_fn` (see `sample` for sample_kw)."""
   rng_init, rng_sample = jax.random.split(rng)
-  noise_shape = ((1,) if shared_noise else (b,)) + tuple(image_shape)
-  x_init = jax.random.normal(rng_init, noise_shape, jnp.float32)
-  x_init = jnp.broadcast_to(x_init, (b,) + tuple(image_shape))
-  eps_fn = eps_fn_for(kind, denoiser, encoder, params, z, gamma=gamma,
-                      time_conditioning=time_conditioning, schedule=schedule)
-  return sample(eps_fn, schedule, x_init, rng_sample, steps=steps, sampler=sampler, eta=eta,
-                clip_x0=clip_x0)
+  x_init = initial_noise(rng_init, batch, image_shape, shared=shared_noise)
+  return sample(eps_fn, schedule, x_init, rng_sample, **sample_kw)
 
 
 def encode(encoder, params, x: jax.Array, *, time_conditioning: bool = False
            ) -> tuple[jax.Array, jax.Array]:
   """Posterior (mean, std), each [B, d], of clean images x [B, H, W, C]."""
-  t = jnp.zeros((x.shape[0],), jnp.float32) if time_conditioning else None
-  return encoder.apply({"params": params["encoder"]}, x, t)
-
-
-def reconstruct(denoiser, encoder, params, x0: jax.Array, rng: jax.Array, *,
-                schedule: schedules.Schedule, use_mean: bool = True, **kw) -> jax.Array:
-  """Encode x0 [B,H,W,C] -> z (posterior mean, or a sample), then generate under its guidance."""
-  rng_z, rng_gen = jax.random.split(rng)
-  tc = kw.get("time_conditioning", False)
-  mean, std = encode(encoder, params, x0, time_conditioning=tc)
-  z = mean if use_mean else mean + std * jax.random.normal(rng_z, mean.shape)
-  return generate(denoiser, encoder, params, z, rng_gen, schedule=schedule,
-                  image_shape=tuple(x0.shape[1:]), **kw)
+  return objective.encode_clean(
+      objective.bind_encoder(encoder, params["encoder"], time_conditioning), x)
 
 
 def traverse_latents(z: jax.Array, dim: int, values: jax.Array) -> jax.Array:
@@ -190,17 +148,3 @@ def interpolate_latents(z_a: jax.Array, z_b: jax.Array, n: int) -> jax.Array:
   """Linear interpolation between z_a and z_b ([d] each) -> [n, d], endpoints included."""
   w = jnp.linspace(0.0, 1.0, n)[:, None]
   return (1.0 - w) * z_a[None] + w * z_b[None]
-
-
-def traverse(denoiser, encoder, params, z: jax.Array, dim: int, values: jax.Array,
-             rng: jax.Array, **kw) -> jax.Array:
-  """Images for z [d] with latent `dim` set to each of `values` [n] -> [n, H, W, C]."""
-  return generate(denoiser, encoder, params, traverse_latents(z, dim, values), rng,
-                  shared_noise=True, **kw)
-
-
-def interpolate(denoiser, encoder, params, z_a: jax.Array, z_b: jax.Array, n: int,
-                rng: jax.Array, **kw) -> jax.Array:
-  """n images along the line from z_a to z_b (both [d]) -> [n, H, W, C]."""
-  return generate(denoiser, encoder, params, interpolate_latents(z_a, z_b, n), rng,
-                  shared_noise=True, **kw)

@@ -1,8 +1,34 @@
-"""Test setup: 8 fake CPU devices (set before JAX is imported), so multi-device code is tested on
-any machine. Single-device comparisons pick one device explicitly."""
+"""Test setup, done before JAX is imported:
+
+- 8 fake CPU devices, so multi-device code is tested on any machine (single-device comparisons
+  pick one device explicitly);
+- one persistent XLA compilation cache for the whole test session, shared with every subprocess
+  the tests start (`python -m sami_jax.main ...` inherits the environment): a program compiled
+  once, in-process or in a subprocess, is loaded from disk by every later compile of the same
+  program. A fresh directory per session (so timings do not depend on earlier sessions) unless
+  SAMI_JAX_TEST_CACHE names one to reuse.
+"""
 
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+_OWN_CACHE = None
+if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+  if os.environ.get("SAMI_JAX_TEST_CACHE"):
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["SAMI_JAX_TEST_CACHE"]
+  else:
+    _OWN_CACHE = tempfile.mkdtemp(prefix="sami_jax_test_xla_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+def pytest_sessionfinish(session, exitstatus):
+  del session, exitstatus
+  if _OWN_CACHE:
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)

@@ -22,6 +22,8 @@ from sami_jax import api
 from sami_jax import checkpoint as ckpt_lib
 from sami_jax import export
 from sami_jax import samplers
+from sami_jax import configlib
+from sami_jax import inference
 from sami_jax import train
 from sami_jax.data import folder as folder_lib
 from sami_jax.data import pipeline
@@ -122,7 +124,7 @@ def _float(u8):
 
 def _reference_encode(model, x_float):
   """Posterior (mean, std) from the encoder module itself, in one batch."""
-  _, encoder, _ = train.components(model.config)
+  encoder = inference.components(model.config).encoder
   mean, std = encoder.apply({"params": model.params["encoder"]}, jnp.asarray(x_float, jnp.float32))
   return np.asarray(mean), np.asarray(std)
 
@@ -136,7 +138,8 @@ def _noise(seed, ids):
 
 def _reference_decode(model, z, seed, shared=False, guided=True):
   """Guided DDIM from the documented noise, the whole batch at once through samplers.sample."""
-  denoiser, encoder, schedule = train.components(model.config)
+  comp = inference.components(model.config)
+  denoiser, encoder, schedule = comp.image_model, comp.encoder, comp.schedule
   ids = jnp.zeros(len(z), jnp.int32) if shared else jnp.arange(len(z), dtype=jnp.int32)
   x_init = _noise(np.uint32(seed), ids)
   if guided:
@@ -291,7 +294,7 @@ def test_float_images_outside_minus_one_one_are_rejected(model):
 
 
 def test_a_ddpm_model_generates_but_does_not_encode(model):
-  config = train.config_from_json(train.config_to_json(model.config))
+  config = configlib.copy(model.config)
   config.model.kind = "ddpm"
   ddpm = api.Model(config, model.params, model.step, batch_size=4)
   for call in (lambda: ddpm.encode(np.zeros((8, 8, 1), np.uint8)),

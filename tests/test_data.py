@@ -21,6 +21,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from sami_jax import configlib
+from sami_jax.data import base
 from sami_jax.data import celeba
 from sami_jax.data import disks
 from sami_jax.data import disks_video
@@ -47,7 +48,7 @@ def _fresh_cache():
 
 
 def _read_split(data_dir, builder_cls, cfg, split):
-  b = disks.make_builder(builder_cls, cfg, str(data_dir))
+  b = base.make_builder(builder_cls, cfg, str(data_dir))
   b.download_and_prepare()
   src = b.as_data_source(split=split)
   recs = [src[i] for i in range(len(src))]
@@ -122,11 +123,22 @@ def test_disks_factors_match_pixels(tmp_path, factor_set):
   assert stored["background"].max() - stored["background"].min() > 0.3
 
 
-def test_disks_render_speed_smoke():
-  # Vectorised renderer: 2,000 images well under a second (the full 20,000 in ~0.3 s here).
-  f = disks.sample_factors(np.random.default_rng(0), 2000, "xy_bg", 32)
-  images = disks.render_factors(f, "xy_bg", 32)
-  assert images.shape == (2000, 32, 32, 1) and images.dtype == np.uint8
+def test_disks_render_is_chunk_invariant_and_matches_hand_values():
+  # Rendering is vectorised in chunks of _RENDER_CHUNK images: a batch that crosses a chunk
+  # boundary renders exactly as the same images one at a time.
+  n = disks._RENDER_CHUNK + 3  # pylint: disable=protected-access
+  f = disks.sample_factors(np.random.default_rng(0), n, "xy_bg", 16)
+  images = disks.render_factors(f, "xy_bg", 16)
+  assert images.shape == (n, 16, 16, 1) and images.dtype == np.uint8
+  for i in (0, disks._RENDER_CHUNK - 1, disks._RENDER_CHUNK, n - 1):  # pylint: disable=protected-access
+    np.testing.assert_array_equal(images[i], disks.render_factors(f[i:i + 1], "xy_bg", 16)[0])
+  # One disk by hand: centre (4.5, 6.5) px is pixel (row 6, col 4)'s centre, radius 2, bg 0.2.
+  img = disks.render_disks(np.array([4.5]), np.array([6.5]), np.array([2.0]), np.array([0.2]),
+                           np.array([1.0]), 16)[0, ..., 0]
+  assert img[6, 4] == 255                      # distance 0: full coverage
+  assert img[6, 6] == round(255 * (0.2 + 0.8 * 0.5))  # distance 2: coverage r - d + 0.5 = 0.5
+  assert img[6, 8] == round(255 * 0.2)         # distance 4: background only
+  assert img[0, 15] == round(255 * 0.2)
 
 
 def test_disks_video_moves_smoothly(tmp_path):

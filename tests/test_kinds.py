@@ -19,7 +19,9 @@ from sami_jax import configlib
 from sami_jax import models as models_lib
 from sami_jax import objective
 from sami_jax import samplers
-from sami_jax import train
+from sami_jax import inference
+from sami_jax import kinds
+from sami_jax import train_state
 from tests.test_config import ROOT, load_config
 
 
@@ -97,10 +99,10 @@ def test_comparison_table_and_figure(comparison):
 def test_frozen_denoiser_is_bitwise_the_pretrained_one(comparison):
   from sami_jax import checkpoint as ckpt_lib
   wd = comparison["workdir"]
-  _, ddpm_params, _ = train.restore_for_inference(comparison["config"], os.path.join(wd, "ddpm"))
+  _, ddpm_params, _ = inference.restore(os.path.join(wd, "ddpm"))
   cfg = compare.kind_config(comparison["config"], "sami_frozen", wd)
   ckpt = ckpt_lib.Checkpointer(os.path.join(wd, "sami_frozen", "checkpoints"), keep_last=10)
-  state, _, _, step = ckpt.restore(train.abstract_state(cfg))
+  state, _, _, step = ckpt.restore(train_state.abstract_state(cfg))
   ckpt.close()
   assert step == 2
   for tree in (state["params"], state["ema_params"]):
@@ -151,7 +153,7 @@ def test_beta_vae_loss_matches_its_formula():
   # Make the decoder non-trivial (its output conv is not zero-initialised, but be explicit).
   x = jax.random.uniform(jax.random.PRNGKey(1), (4, 8, 8, 1), minval=-1, maxval=1)
   rng = jax.random.PRNGKey(2)
-  loss, terms = objective.make_loss_fn(c, dec, enc)(params, {"image": x}, rng, 0)
+  loss, terms = kinds.make_loss_fn(c, dec, enc)(params, {"image": x}, rng, 0)
   mean, std = enc.apply({"params": params["encoder"]}, x)
   z = mean + std * jax.random.normal(rng, mean.shape)
   rec = np.asarray(dec.apply({"params": params["decoder"]}, z), np.float64)
@@ -162,7 +164,7 @@ def test_beta_vae_loss_matches_its_formula():
   np.testing.assert_allclose(float(loss), want, rtol=1e-5)
   np.testing.assert_allclose(np.asarray(terms["recon_mse"]), sq / 64, rtol=1e-5)
   # The gradient reaches both networks.
-  g = jax.grad(lambda p: objective.make_loss_fn(c, dec, enc)(p, {"image": x}, rng, 0)[0])(params)
+  g = jax.grad(lambda p: kinds.make_loss_fn(c, dec, enc)(p, {"image": x}, rng, 0)[0])(params)
   for name in ("decoder", "encoder"):
     assert max(float(jnp.abs(a).max()) for a in jax.tree.leaves(g[name])) > 0.0, name
 
@@ -170,11 +172,12 @@ def test_beta_vae_loss_matches_its_formula():
 def test_diffae_conditions_the_unet_on_the_encoder_mean():
   c, den, enc, params = _models("diffae")
   x = jax.random.uniform(jax.random.PRNGKey(1), (4, 8, 8, 1), minval=-1, maxval=1)
-  fn = objective.make_loss_fn(c, den, enc)
+  fn = kinds.make_loss_fn(c, den, enc)
   # Move the zero-initialised output layers so that z can matter at all.
   params = jax.tree.map(lambda a: a + 0.05 * jnp.ones_like(a), params)
   _, terms = fn(params, {"image": x}, jax.random.PRNGKey(2), 0)
-  assert float(jnp.max(jnp.abs(terms["kl"]))) == 0.0  # no KL: a deterministic encoder
+  # A deterministic encoder: no KL, no posterior std, nothing of the guidance is logged.
+  assert set(terms) == {"diffusion", "t"}
   g = jax.grad(lambda p: fn(p, {"image": x}, jax.random.PRNGKey(2), 0)[0])(params)
   enc_grad = max(float(jnp.abs(a).max()) for a in jax.tree.leaves(g["encoder"]))
   assert enc_grad > 0.0  # the encoder learns through the U-Net's adaptive group norm
@@ -191,8 +194,8 @@ def test_beta_vae_generate_is_the_clipped_decoder_mean():
   z = jax.random.normal(jax.random.PRNGKey(0), (5, 3)) * 3.0
   params = jax.tree.map(lambda a: a * 3.0, params)  # outputs beyond [-1, 1] somewhere
   raw = dec.apply({"params": params["decoder"]}, z)
-  got = samplers.generate(dec, enc, params, z, jax.random.PRNGKey(1), kind="beta_vae",
-                          schedule=train.components(c)[2], image_shape=(8, 8, 1))
+  got = kinds.decode(kinds.get("beta_vae"), dec, enc, params, z, jax.random.PRNGKey(1),
+                     schedule=inference.components(c).schedule, image_shape=(8, 8, 1))
   np.testing.assert_allclose(np.asarray(got), np.clip(np.asarray(raw), -1, 1), atol=1e-5)
   assert float(jnp.abs(got).max()) == 1.0
   assert float(jnp.abs(raw).max()) > 1.0
@@ -226,7 +229,7 @@ def test_sample_mode_fits_saves_and_reuses_the_latent_prior(comparison, tmp_path
   first = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert first.returncode == 0, first.stderr[-3000:]
   assert "Fitted the latent prior on 128 training latents" in first.stderr
-  path = train.latent_prior_path(wd, 2)
+  path = inference.latent_prior_path(wd, 2)
   assert os.path.exists(path)
   png = os.path.join(wd, "samples", "latent_prior_samples_0000002.png")
   assert Image.open(png).size[0] > 0

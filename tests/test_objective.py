@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from sami_jax import configlib
+from sami_jax import kinds
 from sami_jax import objective
 from sami_jax import schedules
 from tests import tiny_models
@@ -99,8 +100,8 @@ def test_constant_encoder_gives_the_plain_diffusion_loss():
   enc = tiny_models.ConstantEncoder()
   den, params, batch = _models_and_params(enc)
   rng = jax.random.PRNGKey(7)
-  sami = objective.make_loss_fn(_config("sami"), den, enc)
-  plain = objective.make_loss_fn(_config("ddpm"), den, enc)
+  sami = kinds.make_loss_fn(_config("sami"), den, enc)
+  plain = kinds.make_loss_fn(_config("ddpm"), den, enc)
   _, terms_s = sami(params, batch, rng, 0)
   _, terms_p = plain(params, batch, rng, 0)
   np.testing.assert_allclose(terms_s["diffusion"], terms_p["diffusion"], rtol=1e-6)
@@ -115,7 +116,7 @@ def test_outer_gradient_reaches_encoder_through_guidance():
     den, params, batch = _models_and_params(enc)
     params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
     batch = {"image": batch["image"].astype(jnp.float64)}
-    loss_fn = objective.make_loss_fn(_config("sami"), den, enc)
+    loss_fn = kinds.make_loss_fn(_config("sami"), den, enc)
     rng = jax.random.PRNGKey(11)
     f = lambda p: loss_fn(p, batch, rng, 0)[0]
     grads = jax.grad(f)(params)
@@ -140,11 +141,11 @@ def test_frozen_mode_gives_no_denoiser_gradient_and_ddpm_no_encoder_gradient():
   enc = tiny_models.TinyEncoder(latent_dim=2)
   den, params, batch = _models_and_params(enc)
   rng = jax.random.PRNGKey(0)
-  g_frozen = jax.grad(lambda p: objective.make_loss_fn(_config("sami_frozen"), den, enc)(
+  g_frozen = jax.grad(lambda p: kinds.make_loss_fn(_config("sami_frozen"), den, enc)(
       p, batch, rng, 0)[0])(params)
   assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(g_frozen["denoiser"]))
   assert any(float(jnp.abs(g).max()) > 0.0 for g in jax.tree.leaves(g_frozen["encoder"]))
-  g_ddpm = jax.grad(lambda p: objective.make_loss_fn(_config("ddpm"), den, enc)(
+  g_ddpm = jax.grad(lambda p: kinds.make_loss_fn(_config("ddpm"), den, enc)(
       p, batch, rng, 0)[0])(params)
   assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(g_ddpm["encoder"]))
 
@@ -153,12 +154,12 @@ def test_guidance_scale_and_elbo_weighting():
   enc = tiny_models.TinyEncoder(latent_dim=2)
   den, params, batch = _models_and_params(enc)
   rng = jax.random.PRNGKey(0)
-  _, t1 = objective.make_loss_fn(_config("sami"), den, enc)(params, batch, rng, 0)
-  _, t0 = objective.make_loss_fn(_config("sami", diffusion__guidance_scale=0.0), den, enc)(
+  _, t1 = kinds.make_loss_fn(_config("sami"), den, enc)(params, batch, rng, 0)
+  _, t0 = kinds.make_loss_fn(_config("sami", diffusion__guidance_scale=0.0), den, enc)(
       params, batch, rng, 0)
   np.testing.assert_allclose(t0["diffusion"], t0["mse_uncond"], rtol=1e-6)
   assert not np.allclose(t1["diffusion"], t1["mse_uncond"])
-  _, te = objective.make_loss_fn(_config("sami", diffusion__weighting="elbo"), den, enc)(
+  _, te = kinds.make_loss_fn(_config("sami", diffusion__weighting="elbo"), den, enc)(
       params, batch, rng, 0)
   w = schedules.Schedule().elbo_weight(te["t"])
   np.testing.assert_allclose(te["diffusion"], w * t1["diffusion"], rtol=1e-5)
@@ -181,7 +182,7 @@ def test_mask_excludes_padding_rows():
   enc = tiny_models.TinyEncoder(latent_dim=2)
   den, params, batch = _models_and_params(enc)
   rng = jax.random.PRNGKey(0)
-  loss_fn = objective.make_loss_fn(_config("sami"), den, enc)
+  loss_fn = kinds.make_loss_fn(_config("sami"), den, enc)
   _, terms = loss_fn(params, batch, rng, 0)
   mask = jnp.array([True, True, False, False])
   loss_m, _ = loss_fn(params, dict(batch, mask=mask), rng, 0)
@@ -202,7 +203,7 @@ def test_loss_at_init_is_finite_and_of_order_one_with_the_real_models(scale_para
   den, enc = models.build_models(c)
   params = models.init_params(c, jax.random.PRNGKey(0))
   x = jax.random.normal(jax.random.PRNGKey(1), (16, 8, 8, 1))  # unit variance
-  loss, terms = jax.jit(objective.make_loss_fn(c, den, enc))(params, {"image": x},
+  loss, terms = jax.jit(kinds.make_loss_fn(c, den, enc))(params, {"image": x},
                                                              jax.random.PRNGKey(2), 0)
   assert np.isfinite(float(loss))
   assert 0.5 < float(loss) < 2.0, float(loss)

@@ -1,8 +1,8 @@
 """What a user sees when things go wrong: preemption, damaged checkpoints, a busy workdir, NaNs and
 bad command lines. Most tests run `python -m sami_jax.main` as a real subprocess.
 
-Subprocesses share a persistent XLA compilation cache (one per module), so only the first run of
-each distinct program compiles; the rest start in ~10 s instead of ~30-90 s.
+Subprocesses share the test session's persistent XLA compilation cache (tests/conftest.py), so
+only the first run of each distinct program compiles.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from sami_jax import checkpoint as ckpt_lib
-from sami_jax import train
+from sami_jax import inference
 from tests.test_config import ROOT
 
 _TIMEOUT_S = 600
@@ -28,9 +28,9 @@ _TIMEOUT_S = 600
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory) -> dict[str, str]:
-  """A data dir and an XLA compilation cache shared by every subprocess of this module."""
+  """A data dir shared by every subprocess of this module."""
   base = tmp_path_factory.mktemp("reliability")
-  return {"data_dir": str(base / "tfds"), "cache": str(base / "xla_cache"), "base": str(base)}
+  return {"data_dir": str(base / "tfds"), "base": str(base)}
 
 
 def _env(shared: dict[str, str]) -> dict[str, str]:
@@ -39,9 +39,7 @@ def _env(shared: dict[str, str]) -> dict[str, str]:
   # tests/test_scale.py cover 8 devices).
   env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
   env["JAX_PLATFORMS"] = "cpu"
-  env["JAX_COMPILATION_CACHE_DIR"] = shared["cache"]
-  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-  env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+  # The session's compilation cache (tests/conftest.py) comes with os.environ.
   return env
 
 
@@ -106,7 +104,7 @@ def base_run(shared) -> str:
 
 def _restored_step(workdir: str) -> int:
   """Restores the newest intact checkpoint in this process and checks its params are finite."""
-  _, params, step = train.restore_for_inference(None, workdir)
+  _, params, step = inference.restore(workdir)
   leaves = jax.tree.leaves(params)
   assert leaves and all(np.all(np.isfinite(np.asarray(l))) for l in leaves)
   return step

@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sami_jax import kinds
 from sami_jax import samplers
 from sami_jax import schedules
 from tests import tiny_models
@@ -65,17 +66,24 @@ def test_generators_shapes(size, channels):
   params = {"denoiser": tiny_models.init(den, x, jnp.zeros((2,))),
             "encoder": tiny_models.init(enc, x)}
   sched = schedules.Schedule()
-  kw = dict(schedule=sched, steps=3)
-  rec = samplers.reconstruct(den, enc, params, x, jax.random.PRNGKey(1), **kw)
+  kind = kinds.get("sami")
+  kw = dict(schedule=sched, steps=3, image_shape=x.shape[1:])
+  mean, _ = samplers.encode(enc, params, x)
+  rec = kinds.decode(kind, den, enc, params, mean, jax.random.PRNGKey(1), **kw)
   chex.assert_shape(rec, x.shape)
   assert np.all(np.abs(np.asarray(rec)) <= 1.0)
   z = jnp.zeros((3,))
-  tr = samplers.traverse(den, enc, params, z, 1, jnp.linspace(-2, 2, 5), jax.random.PRNGKey(2),
-                         image_shape=x.shape[1:], **kw)
+  tr = kinds.decode(kind, den, enc, params,
+                    samplers.traverse_latents(z, 1, jnp.linspace(-2, 2, 5)),
+                    jax.random.PRNGKey(2), shared_noise=True, **kw)
   chex.assert_shape(tr, (5, size, size, channels))
-  it = samplers.interpolate(den, enc, params, z, jnp.ones((3,)), 4, jax.random.PRNGKey(3),
-                            image_shape=x.shape[1:], **kw)
+  it = kinds.decode(kind, den, enc, params, samplers.interpolate_latents(z, jnp.ones((3,)), 4),
+                    jax.random.PRNGKey(3), shared_noise=True, **kw)
   chex.assert_shape(it, (4, size, size, channels))
+  # Shared noise: with the guidance switched off every row is the same image.
+  same = kinds.decode(kind, den, enc, params, jnp.zeros((3, 3)), jax.random.PRNGKey(3),
+                      shared_noise=True, gamma=0.0, **kw)
+  np.testing.assert_allclose(same[0], same[2], atol=1e-6)
 
 
 def test_guidance_changes_samples_and_gamma_zero_is_unconditional():
@@ -88,9 +96,9 @@ def test_guidance_changes_samples_and_gamma_zero_is_unconditional():
   z = jax.random.normal(jax.random.PRNGKey(1), (3, 2)) * 3
   kw = dict(schedule=sched, image_shape=(4, 4, 1), steps=5, clip_x0=False)
   rng = jax.random.PRNGKey(2)
-  guided = samplers.generate(den, enc, params, z, rng, **kw)
-  g0 = samplers.generate(den, enc, params, z, rng, gamma=0.0, **kw)
-  uncond = samplers.generate(den, None, params, z, rng, **kw)
+  guided = kinds.decode(kinds.get("sami"), den, enc, params, z, rng, **kw)
+  g0 = kinds.decode(kinds.get("sami"), den, enc, params, z, rng, gamma=0.0, **kw)
+  uncond = kinds.decode(kinds.get("ddpm"), den, None, params, z, rng, **kw)
   np.testing.assert_allclose(g0, uncond, rtol=1e-5, atol=1e-6)
   assert not np.allclose(guided, uncond)
 

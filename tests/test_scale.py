@@ -14,7 +14,10 @@ import pytest
 from sami_jax import models as models_lib
 from sami_jax import objective
 from sami_jax import sharding as sharding_lib
-from sami_jax import train
+from sami_jax import configlib
+from sami_jax import inference
+from sami_jax import kinds
+from sami_jax import train_state
 from tests.test_config import load_config
 
 
@@ -65,11 +68,12 @@ def _two_steps(mesh_spec: str, fsdp_min_size: int):
   initial host params, per-step metrics, PartitionSpecs of the params)."""
   config = _config(mesh=mesh_spec, fsdp_min_size=fsdp_min_size)
   mesh = sharding_lib.make_mesh(config)
-  state, shardings = train.create_sharded_state(config, mesh)
+  state = train_state.create_sharded_state(config, mesh)
+  shardings = train_state.state_shardings(config, mesh)
   initial = _perturb(state["params"])
   state = dict(state, params=jax.device_put(initial, shardings["params"]),
                ema_params=jax.device_put(initial, shardings["ema_params"]))
-  step_fn = train.jit_train_step(config, mesh, shardings)
+  step_fn = train_state.jit_train_step(config, mesh)
   metrics = []
   for batch in _batches(config, 2):
     state, m = step_fn(state, sharding_lib.global_batch(batch, mesh))
@@ -122,10 +126,10 @@ _LOSS_AND_GRAD_CACHE: dict[str, object] = {}
 def _loss_and_grad(config):
   """jit(value_and_grad) of the SAMI loss at step 0 with a fixed key; cached per config, so the
   float32 reference is compiled once for both tests."""
-  key = train.config_to_json(config)
+  key = configlib.to_json(config)
   if key not in _LOSS_AND_GRAD_CACHE:
-    denoiser, encoder, schedule = train.components(config)
-    loss_fn = objective.make_loss_fn(config, denoiser, encoder, schedule)
+    comp = inference.components(config)
+    loss_fn = kinds.make_loss_fn(config, comp.image_model, comp.encoder, comp.schedule)
 
     def f(p, batch):
       return loss_fn(p, batch, jax.random.PRNGKey(7), jnp.int32(0), train=True)
@@ -156,9 +160,9 @@ def test_bfloat16_loss_is_close_to_float32_and_params_stay_float32(tiny):
   # Params, EMA and optimizer state stay float32 through a bf16 train step (traced, not compiled).
   init16 = jax.eval_shape(lambda: models_lib.init_params(c16, jax.random.PRNGKey(0)))
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(init16))
-  abstract = train.abstract_state(c16)
+  abstract = train_state.abstract_state(c16)
   batch_struct = {"image": jax.ShapeDtypeStruct(batch["image"].shape, jnp.float32)}
-  new_state, metrics = jax.eval_shape(train.make_train_step(c16), abstract, batch_struct)
+  new_state, metrics = jax.eval_shape(train_state.make_train_step(c16), abstract, batch_struct)
   for key in ("params", "ema_params", "opt_state"):
     floats = [x for x in jax.tree.leaves(new_state[key]) if jnp.issubdtype(x.dtype, jnp.floating)]
     assert floats and all(x.dtype == jnp.float32 for x in floats), key

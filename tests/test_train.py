@@ -12,6 +12,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from sami_jax import checkpoint as ckpt_lib
+from sami_jax import inference
 from sami_jax import train
 from tests.test_config import ROOT, load_config
 
@@ -99,8 +100,8 @@ def test_resume_is_exact(runs, tmp_path):
   train.train(_tiny(runs["data_dir"], 2), split)
   summary = train.train(_tiny(runs["data_dir"], 4), split)
   assert summary["step"] == 4
-  _, p_full, s_full = train.restore_for_inference(None, full)
-  _, p_split, s_split = train.restore_for_inference(None, split)
+  _, p_full, s_full = inference.restore(full)
+  _, p_split, s_split = inference.restore(split)
   assert s_full == s_split == 4
   leaves_full = jax.tree.leaves(p_full)
   leaves_split = jax.tree.leaves(p_split)

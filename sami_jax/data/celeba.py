@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
-from sami_jax.data import pipeline
+from sami_jax.data import base
 
 TFDS_NAME = "celeb_a"
 SPLITS = ("train", "validation", "test")
@@ -90,7 +90,7 @@ def attributes_vector(attributes: dict[str, object]) -> np.ndarray:
   return np.array([int(bool(attributes[k])) for k in ATTRIBUTE_NAMES], np.int32)
 
 
-class CelebADataset(pipeline.Dataset):
+class CelebADataset(base.Dataset):
   """TFDS celeb_a, cropped and resized at read time; splits train / validation / test."""
 
   name = "celeba"

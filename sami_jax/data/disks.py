@@ -24,18 +24,19 @@ Anti-aliasing uses the analytic coverage approximation coverage = clip(r - d + 0
 distance from a pixel centre to the disk centre: a linear ramp one pixel wide. Its integral over
 the plane is pi r^2 + pi / 12, i.e. the rendered disk's mass matches a disk of radius r.
 
-The renderer is shared with `disks_video.py`.
+The renderer is shared with `disks_video.py`. `DisksDataset` is what the pipeline reads.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import zlib
 
-from etils import epath
+import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
+
+from sami_jax.data import base
 
 FACTOR_SETS: dict[str, tuple[str, ...]] = {
     "xy_bg": ("x", "y", "background"),
@@ -182,25 +183,7 @@ class DisksConfig(tfds.core.BuilderConfig):
                image_size=image_size, factors=factors, num_train=num_train, num_test=num_test)
 
 
-class LocalBuilder(tfds.core.GeneratorBasedBuilder):
-  """Base of our builders: works around a TFDS 4.9.10 import bug.
-
-  TFDS's `DatasetBuilder.code_path` evaluates `importlib_resources.abc.Traversable`, and
-  `importlib_resources` (a backport TFDS only declares for Python < 3.9) is not installed; the
-  property is only used to find a checksums file, which builders that download nothing lack
-  anyway. So it is answered from the class's source file directly.
-  """
-
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path | None:
-    try:
-      return epath.Path(inspect.getfile(cls))
-    except (TypeError, OSError):
-      return None
-
-
-class _RenderedBuilder(LocalBuilder):
+class RenderedBuilder(base.LocalBuilder):
   """A procedurally rendered dataset: train and test splits of config.num_train / num_test
   examples from `_generate_examples(split, num)`; nothing to download."""
 
@@ -211,7 +194,7 @@ class _RenderedBuilder(LocalBuilder):
             "test": self._generate_examples("test", cfg.num_test)}
 
 
-class Disks(_RenderedBuilder):
+class Disks(RenderedBuilder):
   """Single anti-aliased disk on a uniform background, with its ground-truth factors.
 
   Features: image uint8 [H, W, 1]; factors float32 [K] (see the module docstring for names and
@@ -255,16 +238,27 @@ class Disks(_RenderedBuilder):
         yield start + i, {"image": images[i], "factors": chunk[i], "id": start + i}
 
 
-def make_builder(builder_cls: type[tfds.core.GeneratorBasedBuilder],
-                 config: tfds.core.BuilderConfig,
-                 data_dir: str | None) -> tfds.core.GeneratorBasedBuilder:
-  """Instantiates `builder_cls` with `config`, writing array_record files under `data_dir`.
+class DisksDataset(base.Dataset):
+  """The procedurally rendered disks, as the pipeline reads them."""
 
-  TFDS refuses a custom config object named like one of the class's BUILDER_CONFIGS (it compares
-  identity), so a config with a registered name is passed by name.
-  """
-  registered = builder_cls.builder_configs.get(config.name)
-  if registered is not None and dataclasses.asdict(registered) != dataclasses.asdict(config):
-    raise ValueError(f"Builder config {config.name!r} differs from the registered one.")
-  return builder_cls(config=config.name if registered is not None else config,
-                     data_dir=data_dir or None, file_format="array_record")
+  name = "disks"
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    super().__init__(config)
+    if config.data.channels != 1:
+      raise ValueError(f"{self.name} images are grayscale: set --config.data.channels=1 "
+                       f"(it is {config.data.channels}).")
+    d = config.data
+    self.builder_config = DisksConfig.make(
+        image_size=d.image_size, factors=d.factors, num_train=d.num_train, num_test=d.num_test)
+
+  def _make_builder(self) -> tfds.core.DatasetBuilder:
+    return self._open_builder(
+        lambda: base.make_builder(Disks, self.builder_config, self.data_dir))
+
+  def example(self, record, index):
+    del index
+    return {"image": record["image"], "factors": record["factors"], "id": record["id"]}
+
+  def factor_names(self) -> list[str]:
+    return factor_names(self.config.data.factors)

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
+from sami_jax.data import base
 from sami_jax.data import disks
 
 # Largest change of each factor over a whole sequence, as a fraction of its range.
@@ -82,7 +84,7 @@ class DisksVideoConfig(tfds.core.BuilderConfig):
                num_train=num_train, num_test=num_test)
 
 
-class DisksVideo(disks._RenderedBuilder):  # pylint: disable=protected-access
+class DisksVideo(disks.RenderedBuilder):
   """Sequences of disk frames with smoothly moving factors.
 
   Features: image uint8 [F, H, W, 1]; factors float32 [F, K]; id int32, the sequence's index in
@@ -124,3 +126,20 @@ class DisksVideo(disks._RenderedBuilder):  # pylint: disable=protected-access
       images = disks.render_factors(part, cfg.factors, cfg.image_size)
       for i in range(len(part)):
         yield start + i, {"image": images[i], "factors": part[i], "id": start + i}
+
+
+class DisksVideoDataset(disks.DisksDataset):
+  """Disk sequences with smoothly moving factors, as the pipeline reads them."""
+
+  name = "disks_video"
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    super().__init__(config)
+    d = config.data
+    self.builder_config = DisksVideoConfig.make(
+        image_size=d.image_size, factors=d.factors, video_frames=d.video_frames,
+        num_train=d.num_train, num_test=d.num_test)
+
+  def _make_builder(self) -> tfds.core.DatasetBuilder:
+    return self._open_builder(
+        lambda: base.make_builder(DisksVideo, self.builder_config, self.data_dir))

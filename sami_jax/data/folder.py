@@ -36,8 +36,7 @@ from PIL import Image
 from PIL import ImageOps
 import tensorflow_datasets as tfds
 
-from sami_jax.data import disks
-from sami_jax.data import pipeline
+from sami_jax.data import base
 
 EXTENSIONS = (".png", ".jpg", ".jpeg")
 TEST_PER_MILLE = 50
@@ -134,7 +133,7 @@ class FolderConfig(tfds.core.BuilderConfig):
                folder=folder, image_size=image_size, channels=channels, relpaths=relpaths)
 
 
-class SamiImageFolder(disks.LocalBuilder):
+class SamiImageFolder(base.LocalBuilder):
   """Images of a folder, resized and centre-cropped; features image uint8 [S, S, C], id int32.
 
   `id` is the image's index in its split's sorted file list, `info.metadata["files"][split]`.
@@ -195,7 +194,7 @@ class SamiImageFolder(disks.LocalBuilder):
       yield i, {"image": image, "id": i}
 
 
-class FolderDataset(pipeline.Dataset):
+class FolderDataset(base.Dataset):
   """config.data.folder as a dataset with splits train / test."""
 
   name = "folder"
@@ -247,6 +246,14 @@ class FolderDataset(pipeline.Dataset):
   def files(self) -> dict[str, list[str]]:
     """{split: relative paths}; a record's `id` indexes its split's list (after prepare)."""
     return dict(self.builder.info.metadata["files"])
+
+  def example_keys(self, split: str) -> list[str]:
+    """The relative path of every record of a split, in record order (after prepare)."""
+    files = self.files()[split]
+    src = self.source(split)
+    if len(src) == len(files):  # nothing was skipped while decoding: record i is file i
+      return list(files)
+    return [files[int(src[i]["id"])] for i in range(len(src))]
 
   def skipped_files(self) -> list[str]:
     """The files skipped as unreadable when the dataset was built (after prepare)."""

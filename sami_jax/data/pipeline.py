@@ -30,12 +30,11 @@ Batches are dicts of numpy arrays (per process; train.py makes global jax.Arrays
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
-import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+import zlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from absl import flags
@@ -43,157 +42,17 @@ from absl import logging
 import grain
 import ml_collections
 import numpy as np
-import tensorflow_datasets as tfds
 
+from sami_jax.data import base
+from sami_jax.data import celeba
 from sami_jax.data import disks
 from sami_jax.data import disks_video
+from sami_jax.data import folder
 
 Batch = dict[str, np.ndarray]
 # Salt mixed into the epoch-permutation seed so the data order is independent of other uses of
 # config.seed (parameter init, noise).
 _ORDER_SALT = 0x5A41D
-
-
-def default_data_dir(config: ml_collections.ConfigDict) -> str:
-  """config.data.data_dir, else $TFDS_DATA_DIR, else ~/tensorflow_datasets."""
-  if config.data.data_dir:
-    return os.path.expanduser(config.data.data_dir)
-  return os.path.expanduser(os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
-
-
-@contextlib.contextmanager
-def _build_lock(data_dir: str, name: str):
-  """Holds an exclusive lock on `data_dir/.<name>.build.lock` (a local data dir only).
-
-  Two runs started together on one machine (a seed sweep, say) would otherwise both build the
-  same dataset and race when TFDS renames the finished build into place (FileExistsError).
-  Remote data dirs (gs://...) are not locked: prepare them once before a multi-host launch.
-  """
-  try:
-    import fcntl  # pylint: disable=g-import-not-at-top  (POSIX only)
-  except ImportError:
-    fcntl = None
-  if "://" in data_dir or fcntl is None:
-    yield
-    return
-  os.makedirs(data_dir, exist_ok=True)
-  with open(os.path.join(data_dir, f".{name}.build.lock"), "a") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
-
-
-class Dataset:
-  """A dataset readable by random access; subclasses adapt one TFDS builder.
-
-  Subclasses implement `_make_builder`, `example` and the class attributes; `prepare` and
-  `source` are shared.
-  """
-
-  name: str = ""
-  train_split: str = "train"
-  splits: tuple[str, ...] = ("train", "test")
-  # Whether `prepare` may generate the dataset (False: it must have been prepared by the user).
-  buildable: bool = True
-
-  def __init__(self, config: ml_collections.ConfigDict):
-    self.config = config
-    self.data_dir = default_data_dir(config)
-
-  # --------------------------------------------------------------- subclass API
-  def _make_builder(self) -> tfds.core.DatasetBuilder:
-    raise NotImplementedError
-
-  def example(self, record: dict[str, Any], index: int) -> dict[str, np.ndarray]:
-    """One decoded TFDS record -> arrays; image uint8 [H, W, C] (video [F, H, W, C])."""
-    raise NotImplementedError
-
-  def factor_names(self) -> list[str]:
-    return []
-
-  def _not_prepared_error(self, builder: tfds.core.DatasetBuilder) -> Exception:
-    return FileNotFoundError(f"Dataset {self.name!r} is not prepared in {builder.data_dir}; "
-                             "run sami_jax.data.pipeline.prepare(config) first.")
-
-  # --------------------------------------------------------------- shared
-  @functools.cached_property
-  def builder(self) -> tfds.core.DatasetBuilder:
-    return self._make_builder()
-
-  def _open_builder(self, make: Callable[[], tfds.core.DatasetBuilder]
-                    ) -> tfds.core.DatasetBuilder:
-    """Runs TFDS's builder constructor, which restores dataset_info.json if it exists."""
-    try:
-      return make()
-    except Exception as e:  # pylint: disable=broad-except
-      # TFDS raises protobuf ParseError, JSON errors, KeyError... on damaged metadata files.
-      raise ValueError(
-          f"Could not open dataset {self.name!r} under {self.data_dir} "
-          f"({type(e).__name__}: {e}). If a previous preparation was interrupted or its files "
-          "are damaged, delete that dataset's folder and run again.") from e
-
-  def prepare(self) -> str:
-    """Builds the dataset if needed (idempotent), checks it can be read; returns its folder."""
-    builder = self.builder
-    # A dataset that is not `buildable` is checked by opening it (`source` raises
-    # `_not_prepared_error`); that also works under tfds.testing.mock_data.
-    if self.buildable and not builder.is_prepared():
-      with _build_lock(self.data_dir, self.name):
-        if builder.is_prepared():
-          # Another process built it while this one waited for the lock: reopen the builder,
-          # whose metadata was read before the build existed.
-          self.__dict__.pop("builder", None)
-          builder = self.builder
-        else:
-          logging.info("Preparing dataset %s into %s.", self.name, builder.data_dir)
-          builder.download_and_prepare()
-          self._after_build(builder)
-    self._check_readable()
-    return os.fspath(builder.data_dir)
-
-  def _after_build(self, builder: tfds.core.DatasetBuilder) -> None:
-    """Called (under the build lock) right after this process built the dataset."""
-
-  def _check_readable(self) -> None:
-    """Reads the first and last record of each split: cheap, and catches truncated files."""
-    for split in self.splits:
-      src = self.source(split)
-      try:
-        for i in {0, len(src) - 1} if len(src) else ():
-          self.example(src[i], i)
-      except Exception as e:  # pylint: disable=broad-except
-        raise ValueError(
-            f"Dataset {self.name!r} in {self.builder.data_dir} is damaged: reading split "
-            f"{split!r} failed ({type(e).__name__}: {e}). Delete that folder and run again "
-            "to rebuild it.") from e
-
-  def source(self, split: str) -> Sequence[Any]:
-    """A random-access TFDS data source (len, [i]) over the split's decoded records."""
-    if split not in self.splits:
-      raise ValueError(f"Dataset {self.name!r} has splits {list(self.splits)}, not {split!r}.")
-    sources = self.__dict__.setdefault("_sources", {})
-    if split not in sources:
-      sources[split] = self._open_source(split)
-    return sources[split]
-
-  def _open_source(self, split: str) -> Sequence[Any]:
-    builder = self.builder
-    try:
-      return builder.as_data_source(split=split)
-    except Exception as e:  # pylint: disable=broad-except
-      # TFDS and array_record raise assorted types (AssertionError, NotImplementedError,
-      # ValueError, OSError, RuntimeError) for missing, wrong-format or truncated files.
-      if not builder.is_prepared():
-        raise self._not_prepared_error(builder) from e
-      if "file format" in str(e).lower() or isinstance(e, NotImplementedError):
-        raise ValueError(
-            f"Dataset {self.name!r} in {builder.data_dir} was prepared in a format without "
-            "random access; it must be array_record. Delete that folder and prepare it again "
-            "with file_format='array_record'.") from e
-      raise ValueError(f"Could not open split {split!r} of {self.name!r} in "
-                       f"{builder.data_dir} ({e}). Delete that folder and run again.") from e
 
 
 def _read_records(src: Sequence[Any], indices: Sequence[int]) -> list[Any]:
@@ -210,7 +69,7 @@ def _read_records(src: Sequence[Any], indices: Sequence[int]) -> list[Any]:
   return [src[i] for i in indices]
 
 
-def _stack(ds: Dataset, records: Sequence[Any], indices: Sequence[int]) -> Batch:
+def _stack(ds: base.Dataset, records: Sequence[Any], indices: Sequence[int]) -> Batch:
   """Decoded records -> a batch with the documented dtypes (image scaled to [-1, 1])."""
   examples = [ds.example(r, int(i)) for r, i in zip(records, indices)]
   batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
@@ -231,7 +90,7 @@ class _TrainBatch:
   perm_e[q mod N] with e = q // N and perm_e = permutation of range(N) seeded by (seed, e).
   """
 
-  def __init__(self, ds: Dataset, split: str, seed: int, global_batch: int, process_index: int,
+  def __init__(self, ds: base.Dataset, split: str, seed: int, global_batch: int, process_index: int,
                process_count: int):
     self.ds, self.split, self.seed = ds, split, seed
     self.global_batch = global_batch
@@ -262,7 +121,7 @@ class _TrainBatch:
 class _EvalBatch:
   """Batch k of an ordered pass -> this process's rows, padded, with a mask."""
 
-  def __init__(self, ds: Dataset, split: str, num_examples: int, global_batch: int,
+  def __init__(self, ds: base.Dataset, split: str, num_examples: int, global_batch: int,
                process_index: int, process_count: int):
     self.ds, self.split, self.num_examples = ds, split, num_examples
     self.global_batch = global_batch
@@ -282,73 +141,29 @@ class _EvalBatch:
 
 # ---------------------------------------------------------------- datasets
 
-
-class DisksDataset(Dataset):
-  """The procedurally rendered disks (see disks.py)."""
-
-  name = "disks"
-
-  def __init__(self, config: ml_collections.ConfigDict):
-    super().__init__(config)
-    if config.data.channels != 1:
-      raise ValueError(f"{self.name} images are grayscale: set --config.data.channels=1 "
-                       f"(it is {config.data.channels}).")
-    d = config.data
-    self.builder_config = disks.DisksConfig.make(
-        image_size=d.image_size, factors=d.factors, num_train=d.num_train, num_test=d.num_test)
-
-  def _make_builder(self) -> tfds.core.DatasetBuilder:
-    return self._open_builder(
-        lambda: disks.make_builder(disks.Disks, self.builder_config, self.data_dir))
-
-  def example(self, record, index):
-    del index
-    return {"image": record["image"], "factors": record["factors"], "id": record["id"]}
-
-  def factor_names(self) -> list[str]:
-    return disks.factor_names(self.config.data.factors)
+# config.data.name -> the dataset class that reads it.
+DATASETS: dict[str, type[base.Dataset]] = {
+    "disks": disks.DisksDataset,
+    "disks_video": disks_video.DisksVideoDataset,
+    "celeba": celeba.CelebADataset,
+    "folder": folder.FolderDataset,
+}
 
 
-class DisksVideoDataset(DisksDataset):
-  """Disk sequences with smoothly moving factors (see disks_video.py)."""
-
-  name = "disks_video"
-
-  def __init__(self, config: ml_collections.ConfigDict):
-    super().__init__(config)
-    d = config.data
-    self.builder_config = disks_video.DisksVideoConfig.make(
-        image_size=d.image_size, factors=d.factors, video_frames=d.video_frames,
-        num_train=d.num_train, num_test=d.num_test)
-
-  def _make_builder(self) -> tfds.core.DatasetBuilder:
-    return self._open_builder(
-        lambda: disks.make_builder(disks_video.DisksVideo, self.builder_config, self.data_dir))
-
-
-def dataset_for(config: ml_collections.ConfigDict) -> Dataset:
-  """The dataset named by config.data.name ("disks", "disks_video", "celeba", "folder")."""
+def dataset_for(config: ml_collections.ConfigDict) -> base.Dataset:
+  """The dataset named by config.data.name (one of `DATASETS`)."""
   name = config.data.name
-  if name == "disks":
-    return DisksDataset(config)
-  if name == "disks_video":
-    return DisksVideoDataset(config)
-  # Imported here: celeba.py and folder.py build on this module's Dataset class.
-  if name == "celeba":
-    from sami_jax.data import celeba  # pylint: disable=g-import-not-at-top
-    return celeba.CelebADataset(config)
-  if name == "folder":
-    from sami_jax.data import folder  # pylint: disable=g-import-not-at-top
-    return folder.FolderDataset(config)
-  raise ValueError(f"Unknown dataset config.data.name={name!r}; use one of "
-                   "'disks', 'disks_video', 'celeba', 'folder'.")
+  if name not in DATASETS:
+    raise ValueError(f"Unknown dataset config.data.name={name!r}; use one of "
+                     f"{list(DATASETS)}.")
+  return DATASETS[name](config)
 
 
 # One Dataset object per (config contents), so data sources and builders are opened once.
-_CACHE: dict[str, Dataset] = {}
+_CACHE: dict[str, base.Dataset] = {}
 
 
-def _cached_dataset(config: ml_collections.ConfigDict) -> Dataset:
+def _cached_dataset(config: ml_collections.ConfigDict) -> base.Dataset:
   key = config.data.to_json()
   if key not in _CACHE:
     _CACHE[key] = dataset_for(config)
@@ -390,9 +205,7 @@ def split_size(config: ml_collections.ConfigDict, split: str) -> int:
 
 
 def _read_options(config: ml_collections.ConfigDict) -> grain.ReadOptions:
-  prefetch = int(config.data.prefetch)
-  if prefetch < 0:
-    raise ValueError(f"config.data.prefetch must be >= 0, got {prefetch}.")
+  prefetch = int(config.data.prefetch)  # >= 0: configlib.validate checks it
   # Elements are whole batches: `prefetch` batches are read ahead by as many threads.
   return grain.ReadOptions(num_threads=prefetch, prefetch_buffer_size=prefetch)
 
@@ -470,3 +283,30 @@ def eval_iterator(config: ml_collections.ConfigDict, split: str, batch_size: int
   loader = _EvalBatch(ds, split, num_examples, batch_size, process_index, process_count)
   num_batches = math.ceil(num_examples / batch_size)
   return _iterate(config, grain.MapDataset.range(num_batches).map(loader))
+
+
+def spread_indices(config: ml_collections.ConfigDict, split: str, n: int,
+                   seed: int = 0) -> np.ndarray:
+  """Record indices of n examples of a split spread over all of it, for image grids. int [n].
+
+  Each example gets a pseudo-random rank from a hash of (seed, its stable key: the file name for
+  image folders, the index otherwise), and the n lowest ranks are taken, in rank order. So the
+  choice is a uniform sample of the split (not its first n records, which in a folder sorted by
+  path are one class), the same at every call, and does not depend on the order in which the
+  records are stored. Fewer than n when the split is smaller.
+  """
+  ds = _cached_dataset(config)
+  ds.prepare()
+  keys = ds.example_keys(split)
+  salt = f"{seed}:{split}:".encode()
+  ranks = [zlib.crc32(salt + k.encode("utf-8", "surrogateescape")) for k in keys]
+  order = sorted(range(len(keys)), key=lambda i: (ranks[i], keys[i]))
+  return np.asarray(order[:n], np.int64)
+
+
+def examples_at(config: ml_collections.ConfigDict, split: str, indices: Sequence[int]) -> Batch:
+  """The records at `indices` of a split as one batch (same dtypes as the iterators)."""
+  ds = _cached_dataset(config)
+  ds.prepare()
+  idx = np.asarray(indices, np.int64)
+  return _stack(ds, _read_records(ds.source(split), idx), idx)

@@ -1,7 +1,7 @@
-"""Evaluation metrics: plain functions of arrays (latents, factors, attributes, features).
+"""Evaluation: metrics as plain functions of arrays, and a runner that feeds them a model.
 
-They know nothing about models, checkpoints or files (except `inception`, which loads its weights
-from a path the user gives). Submodules:
+The metric modules know nothing about models, checkpoints or files (except `inception`, which
+loads its weights from a path the user gives):
 
 - `probes`: R^2 of each ground-truth factor from the latents (linear and kNN regressors).
 - `disentanglement`: MIG, DCI, SAP, FactorVAE score, |correlation| matrix, KL ranking of latents.
@@ -9,6 +9,13 @@ from a path the user gives). Submodules:
 - `attributes`: single-latent AUROC, TAD / ATTRS, linear-probe AUROC for binary attributes.
 - `fid`: Frechet distance and cached feature statistics.
 - `inception`: the FID Inception-v3 feature network (imported on demand: it builds a Flax module).
+- `elbo`: the terms of the variational bound in bits/dim, given a noise-prediction function.
+
+The layer that uses a model (through `sami_jax.inference`, never the trainer):
+- `runner`: `--mode=eval` (`run`), the end-of-run probe (`probe`) and the comparison all run the
+  registry of report sections (`sections.SECTIONS`) on a `context.Context`.
+- `sections`: one section per measure (whether it applies to a run, and how it runs).
+- `plots`, `tables`: the report's figures (PIL) and its JSON / markdown output.
 """
 
 from sami_jax.evaluation.attributes import attribute_report

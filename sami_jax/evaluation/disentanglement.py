@@ -358,7 +358,7 @@ def dci_from_importance(importance) -> tuple[float, float]:
 
 
 def sap(z_train, f_train, z_test=None, f_test=None, *, continuous_factors: bool = True,
-        svm_c: float = 0.01) -> dict:
+        svm_c: float = 0.01, circular: Sequence[bool] | None = None) -> dict:
   """Separated Attribute Predictability (Kumar et al. 2018), as in disentanglement_lib.
 
   A score matrix S [d, K] says how well each single latent predicts each factor:
@@ -367,6 +367,9 @@ def sap(z_train, f_train, z_test=None, f_test=None, *, continuous_factors: bool 
     continuous_factors=False: S[i, k] = test accuracy of a linear SVM (C = svm_c, balanced class
       weights) fitted on z_i alone to predict the discrete factor f_k.
   SAP = mean_k (largest - second largest S[:, k]).
+  A circular factor (an angle in radians; continuous factors only) is scored on its 2-D target
+  (cos f_k, sin f_k): S[i, k] is the pooled R^2 of the least-squares line from z_i to both,
+  sum_c corr(z_i, c)^2 var(c) / sum_c var(c) (the squared correlation, for one target).
 
   Args:
     z_train, f_train: [N, d], [N, K].
@@ -381,17 +384,32 @@ def sap(z_train, f_train, z_test=None, f_test=None, *, continuous_factors: bool 
   check_same_length(z_train=z_train, f_train=f_train)
   _require_two_latents(z_train, "SAP")
   d, k = z_train.shape[1], f_train.shape[1]
+  circ = check_circular(circular, k)
+  if circ.any() and not continuous_factors:
+    raise ValueError("sap: circular factors are supported with continuous_factors=True only.")
   score = np.zeros((d, k))
   if continuous_factors:
     zc = z_train - z_train.mean(axis=0)
-    fc = f_train - f_train.mean(axis=0)
     n = z_train.shape[0]
-    cov = zc.T @ fc / (n - 1)
     var_z = (zc ** 2).sum(axis=0) / (n - 1)
-    var_f = (fc ** 2).sum(axis=0) / (n - 1)
-    ok = (var_z[:, None] > 1e-12) & (var_f[None, :] > 0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-      score = np.where(ok, cov ** 2 / (var_z[:, None] * var_f[None, :]), 0.0)
+
+    def r2_with(column: np.ndarray) -> tuple[np.ndarray, float]:
+      """(squared correlation of each latent with `column` [d], variance of the column)."""
+      fc = column - column.mean()
+      cov = zc.T @ fc / (n - 1)
+      var_f = float((fc ** 2).sum() / (n - 1))
+      ok = (var_z > 1e-12) & (var_f > 0)
+      with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(ok, cov ** 2 / (var_z * var_f), 0.0), var_f
+
+    for j in range(k):
+      if circ[j]:
+        (r_cos, v_cos), (r_sin, v_sin) = (r2_with(np.cos(f_train[:, j])),
+                                          r2_with(np.sin(f_train[:, j])))
+        total = v_cos + v_sin
+        score[:, j] = (r_cos * v_cos + r_sin * v_sin) / total if total > 0 else 0.0
+      else:
+        score[:, j] = r2_with(f_train[:, j])[0]
   else:
     if z_test is None or f_test is None:
       raise ValueError("sap with continuous_factors=False needs z_test and f_test (the SVM "
@@ -485,7 +503,7 @@ def factorvae_score(sample_fixed_factor_batch: FixedFactorSampler, num_factors: 
 
 
 def factorvae_score_from_dataset(z, factors, *, batch_size: int = 64, num_bins: int = 20,
-                                 **kwargs) -> dict:
+                                 circular: Sequence[bool] | None = None, **kwargs) -> dict:
   """FactorVAE score on a finite dataset: "fixing" a factor means sharing its discretised value.
 
   A fixed-factor batch for factor k: pick a random sample, take its label of factor k (factors
@@ -498,6 +516,7 @@ def factorvae_score_from_dataset(z, factors, *, batch_size: int = 64, num_bins: 
     factors: [N, K] ground-truth factors.
     batch_size: samples per vote (disentanglement_lib: 64).
     num_bins: bins for continuous factors.
+    circular: [K] True for an angle (binned over the whole circle, see `discretize_factors`).
     **kwargs: num_train, num_eval, prune_threshold, seed (see `factorvae_score`).
 
   Returns:
@@ -508,7 +527,7 @@ def factorvae_score_from_dataset(z, factors, *, batch_size: int = 64, num_bins: 
   check_same_length(z=z, factors=f)
   if batch_size < 2:
     raise ValueError(f"batch_size={batch_size} must be >= 2 (a variance needs two samples).")
-  (labels,) = discretize_factors(f, num_bins=num_bins)
+  (labels,) = discretize_factors(f, num_bins=num_bins, circular=circular)
   groups = [{v: np.flatnonzero(labels[:, k] == v) for v in np.unique(labels[:, k])}
             for k in range(f.shape[1])]
 

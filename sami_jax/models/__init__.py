@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from sami_jax import kinds
 from sami_jax.models.decoder import ConvDecoder
 from sami_jax.models.encoder import Encoder
 from sami_jax.models.unet import UNet
@@ -26,19 +27,21 @@ def compute_dtype(name: str) -> Any:
 
 
 def image_model_key(config) -> str:
-  """The params key of the image model: "decoder" for beta_vae, "denoiser" for every other kind."""
-  return "decoder" if config.model.kind == "beta_vae" else "denoiser"
+  """The params key of the image model: "denoiser" (a U-Net) or "decoder" (beta_vae's)."""
+  return kinds.of(config).image_model
 
 
 def build_models(config) -> tuple[UNet | ConvDecoder, Encoder]:
   """(image model, encoder) modules from config.model.* and data.{image_size,channels}.
 
   The image model is the denoiser U-Net for the diffusion kinds (conditioned on z through
-  adaptive group norm for "diffae") and the ConvDecoder (config.model.decoder) for "beta_vae".
+  adaptive group norm when the kind's latent route is "adagn") and the ConvDecoder
+  (config.model.decoder) for a kind whose image model is a decoder (beta_vae).
   """
   dt = compute_dtype(config.model.dtype)
   u, e = config.model.denoiser, config.model.encoder
-  if config.model.kind == "beta_vae":
+  kind = kinds.of(config)
+  if not kind.is_diffusion:
     dec = config.model.decoder
     denoiser = ConvDecoder(
         image_size=config.data.image_size, channels=config.data.channels, ch=dec.ch,
@@ -49,7 +52,7 @@ def build_models(config) -> tuple[UNet | ConvDecoder, Encoder]:
         ch=u.ch, ch_mult=tuple(u.ch_mult), num_res_blocks=u.num_res_blocks,
         attn_resolutions=tuple(u.attn_resolutions), dropout=u.dropout, num_groups=u.num_groups,
         out_channels=config.data.channels, dtype=dt, remat=u.remat,
-        cond_dim=e.latent_dim if config.model.kind == "diffae" else 0)
+        cond_dim=e.latent_dim if kind.latent_route == "adagn" else 0)
   encoder = Encoder(
       ch=e.ch, ch_mult=tuple(e.ch_mult), num_res_blocks=e.num_res_blocks,
       attn_resolutions=tuple(e.attn_resolutions), num_groups=e.num_groups,
@@ -69,18 +72,17 @@ def init_params(config, rng: jax.Array) -> dict[str, Any]:
   x = jnp.zeros((1, s, s, c), jnp.float32)
   t = jnp.zeros((1,), jnp.float32)
   rng_d, rng_e = jax.random.split(rng)
-  kind = config.model.kind
-  if kind == "beta_vae":
-    z = jnp.zeros((1, config.model.encoder.latent_dim), jnp.float32)
+  kind = kinds.of(config)
+  z = jnp.zeros((1, config.model.encoder.latent_dim), jnp.float32)
+  if not kind.is_diffusion:
     den = denoiser.init({"params": rng_d}, z, train=False)["params"]
-  elif kind == "diffae":
-    z = jnp.zeros((1, config.model.encoder.latent_dim), jnp.float32)
+  elif kind.latent_route == "adagn":
     den = denoiser.init({"params": rng_d}, x, t, train=False, cond=z)["params"]
   else:
     den = denoiser.init({"params": rng_d}, x, t, train=False)["params"]
   enc = encoder.init({"params": rng_e}, x, t if config.model.encoder.time_conditioning else None,
                      train=False)["params"]
-  return {image_model_key(config): den, "encoder": enc}
+  return {kind.image_model: den, "encoder": enc}
 
 
 def count_params(tree) -> int:

@@ -16,19 +16,40 @@ def raised_by_sami_jax(error: BaseException) -> bool:
 
 
 class _QuietLibraries:
-  """Drops INFO records from Orbax / TFDS / grain internals; their warnings still show."""
+  """Drops library log records a user does not need; real warnings still show.
+
+  - INFO records from Orbax / TFDS / grain internals;
+  - JAX's "Unable to initialize backend 'tpu'" (INFO: on a machine without that accelerator it
+    is expected, not news);
+  - TFDS's "Using custom data configuration" (every run of our own builders passes one, so the
+    warning says nothing) and "Variant folder ... has no dataset_info.json" (a folder a build in
+    progress has not finished yet; a damaged dataset fails loudly when it is read).
+  """
 
   _NOISY = ("/orbax/", "/tensorflow_datasets/", "/grain/", "/absl/testing/")
+  _EXPECTED = ("Unable to initialize backend", "Using custom data configuration",
+               "Variant folder")
 
   def filter(self, record) -> bool:
+    try:
+      message = record.getMessage()
+    except Exception:  # pylint: disable=broad-except  (a malformed record: let it through)
+      return True
+    if message.startswith(self._EXPECTED):
+      return False
     if record.levelno >= 30:
       return True
     return not any(part in record.pathname for part in self._NOISY)
 
 
 def quiet_library_logs() -> None:
-  """Installs the _QuietLibraries filter on the root logger and absl's handler."""
+  """Installs the _QuietLibraries filter on the root logger, absl's handler and JAX's logger."""
   import logging as std_logging  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top
-  std_logging.getLogger().addFilter(_QuietLibraries())
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  quiet = _QuietLibraries()
+  std_logging.getLogger().addFilter(quiet)
+  for name in ("jax", "jax._src.xla_bridge", "absl"):
+    std_logging.getLogger(name).addFilter(quiet)
+  logging.get_absl_handler().addFilter(quiet)
+  for handler in std_logging.getLogger().handlers:
+    handler.addFilter(quiet)

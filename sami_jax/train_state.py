@@ -1,0 +1,161 @@
+"""The train state and the pure train step: optimizer, state initialisation, the jitted step.
+
+    state = create_sharded_state(config, mesh)        # created directly with its shardings
+    step_fn = jit_train_step(config, mesh)            # one jax.jit over the mesh, state donated
+    state, metrics = step_fn(state, batch)
+
+The step is a single jitted call: loss, guidance score (`jax.grad` inside the loss), gradient,
+clipping, Adam, EMA and the non-finite guard all happen inside it; nothing goes back to the host.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from sami_jax import configlib
+from sami_jax import kinds
+from sami_jax import models as models_lib
+from sami_jax import rngs
+from sami_jax import schedules
+from sami_jax import sharding as sharding_lib
+
+State = dict[str, Any]
+
+
+def learning_rate_fn(config: ml_collections.ConfigDict):
+  """Linear warm-up over optim.warmup_steps, then constant or cosine decay to 0 at num_steps."""
+  o = config.optim
+  warmup = optax.linear_schedule(0.0, o.lr, max(o.warmup_steps, 1))
+  if o.lr_decay == "cosine":
+    rest = optax.cosine_decay_schedule(o.lr, max(config.train.num_steps - o.warmup_steps, 1))
+  else:
+    rest = optax.constant_schedule(o.lr)
+  return optax.join_schedules([warmup, rest], [o.warmup_steps])
+
+
+def make_optimizer(config: ml_collections.ConfigDict, params) -> optax.GradientTransformation:
+  """Global-norm clipping, then Adam(W) per trainable subtree (encoder lr scaled by
+  optim.encoder_lr_mult); subtrees the kind does not train get exactly zero updates."""
+  o = config.optim
+  lr = learning_rate_fn(config)
+
+  def adam(mult):
+    sched = (lambda s: lr(s) * mult) if mult != 1.0 else lr
+    return optax.adamw(sched, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
+
+  parts = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
+  parts.append(optax.multi_transform(
+      {"denoiser": adam(1.0), "decoder": adam(1.0), "encoder": adam(o.encoder_lr_mult),
+       "frozen": optax.set_to_zero()},
+      kinds.trainable_labels(kinds.of(config), params)))
+  return optax.chain(*parts)
+
+
+def init_state(config: ml_collections.ConfigDict, rng: jax.Array) -> State:
+  """The train state: params, EMA params, optimizer state, step and the root PRNG key."""
+  params = models_lib.init_params(config, jax.random.fold_in(rng, rngs.INIT))
+  opt = make_optimizer(config, params)
+  return {"params": params, "ema_params": params, "opt_state": opt.init(params),
+          "step": jnp.zeros((), jnp.int32), "rng": rng}
+
+
+@functools.lru_cache(maxsize=16)
+def _abstract_state(frozen_config: ml_collections.FrozenConfigDict) -> State:
+  config = ml_collections.ConfigDict(frozen_config)
+  return jax.eval_shape(lambda: init_state(config, jax.random.PRNGKey(config.seed)))
+
+
+def abstract_state(config: ml_collections.ConfigDict) -> State:
+  """The state's shapes and dtypes (jax.ShapeDtypeStruct leaves), computed once per config."""
+  return _abstract_state(configlib.frozen(config))
+
+
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def make_train_step(config: ml_collections.ConfigDict):
+  """The pure train step `(state, batch) -> (state, metrics)` (metrics are batch-mean scalars).
+
+  A step whose loss, gradient or updated state (params, EMA params, optimizer state) is not finite
+  changes nothing: the old state is kept and `metrics["finite"]` is False, so the host can stop
+  the run before anything non-finite is saved.
+  """
+  kind = kinds.of(config)
+  image_model, encoder = models_lib.build_models(config)
+  schedule = schedules.from_config(config)
+  loss_fn = kinds.make_loss_fn(config, image_model, encoder, schedule)
+  ema_decay = config.optim.ema_decay
+  lr_fn = learning_rate_fn(config)
+
+  def train_step(state, batch):
+    step = state["step"]
+    rng = jax.random.fold_in(jax.random.fold_in(state["rng"], rngs.TRAIN), step)
+    params = state["params"]
+    (loss, terms), grads = jax.value_and_grad(
+        lambda p: loss_fn(p, batch, rng, step, train=True), has_aux=True)(params)
+    opt = make_optimizer(config, params)
+    updates, new_opt_state = opt.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    # EMA with the usual warm-up, so early EMA params are not dominated by the random init.
+    decay = jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
+    new_ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state["ema_params"],
+                           new_params)
+    # Subtrees that do not train stay bitwise identical in the EMA too.
+    new_ema = dict(new_ema, **{k: params[k] for k in kind.frozen if k in params})
+
+    grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+    state_finite = _all_finite((new_params, new_ema, new_opt_state))
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & state_finite
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    new_state = {
+        "params": keep(new_params, params),
+        "ema_params": keep(new_ema, state["ema_params"]),
+        "opt_state": keep(new_opt_state, state["opt_state"]),
+        "step": step + 1,
+        "rng": state["rng"],
+    }
+    metrics = {k: jnp.mean(v) for k, v in terms.items() if k != "t"}
+    metrics.update(loss=loss, grad_norm=grad_norm, finite=finite, state_finite=state_finite,
+                   lr=lr_fn(step))
+    beta = kinds.kl_weight(kind, config, step)
+    if beta is not None:
+      metrics["beta"] = beta
+    return new_state, metrics
+
+  return train_step
+
+
+@functools.lru_cache(maxsize=4)
+def _jit_train_step(frozen_config: ml_collections.FrozenConfigDict, mesh):
+  config = ml_collections.ConfigDict(frozen_config)
+  shardings = sharding_lib.state_shardings(abstract_state(config), mesh, config)
+  return jax.jit(make_train_step(config),
+                 in_shardings=(shardings, sharding_lib.batch_sharding(mesh)),
+                 out_shardings=(shardings, sharding_lib.replicated(mesh)),
+                 donate_argnums=(0,))
+
+
+def jit_train_step(config: ml_collections.ConfigDict, mesh):
+  """The jitted, sharded train step (state donated). Cached per (config, mesh), so a resumed or
+  repeated run in the same process reuses the compiled step."""
+  return _jit_train_step(configlib.frozen(config), mesh)
+
+
+def state_shardings(config: ml_collections.ConfigDict, mesh) -> State:
+  """The NamedSharding of every state leaf (FSDP rules of sharding.py)."""
+  return sharding_lib.state_shardings(abstract_state(config), mesh, config)
+
+
+def create_sharded_state(config: ml_collections.ConfigDict, mesh) -> State:
+  """The initial state, created directly with its final shardings (no host copy)."""
+  init = jax.jit(lambda rng: init_state(config, rng), out_shardings=state_shardings(config, mesh))
+  return init(jax.random.PRNGKey(config.seed))
