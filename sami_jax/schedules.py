@@ -53,7 +53,7 @@ class Schedule:
     return c, math.cos(self.cosine_s * c), math.sin(self.cosine_s * c)
 
   def _logsnr_range(self) -> tuple[float, float]:
-    """The interval lambda is clipped to: [logsnr_min, logsnr_max], narrowed by the kind's own cap."""
+    """The interval lambda is clipped to: [logsnr_min, logsnr_max], narrowed by the kind's cap."""
     lo, hi = self.logsnr_min, self.logsnr_max
     if self.kind == "cosine":
       lo, hi = max(lo, _COSINE_LOGSNR_FLOOR), min(hi, _COSINE_LOGSNR_CAP)

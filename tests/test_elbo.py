@@ -216,7 +216,8 @@ def _reconstruction_ref(x, logsnr_0):
 
 
 def _prior_ref(x, logsnr_1):
-  """1/2 sum (alpha^2 x^2 + sigma^2 - 1 - log sigma^2) at lambda_1, float64 (sigma^2 - 1 = -alpha^2)."""
+  """1/2 sum (alpha^2 x^2 + sigma^2 - 1 - log sigma^2) at lambda_1, float64 (sigma^2 - 1 is
+  -alpha^2 exactly)."""
   x = np.asarray(x, np.float64).reshape(len(x), -1)
   a1 = special.expit(logsnr_1)
   return 0.5 * np.sum(a1 * x ** 2 - a1 + np.log1p(np.exp(logsnr_1)), axis=1)
@@ -226,10 +227,10 @@ def _gaussian_denoiser_bound_nats(x):
   """The bound of `gaussian_eps_hat` for images x [n, ...], float64: its expectation over eps and
   lambda, by quadrature over lambda of the closed-form expectation over eps.
 
-  eps - eps_hat = c alpha^2 s^2 eps - c sigma alpha (x - m), c = 1 / (alpha^2 s^2 + sigma^2), so per
-  pixel E_eps ||eps - eps_hat||^2 = c^2 alpha^2 (alpha^2 s^4 + sigma^2 (x - m)^2) =: a(l) + b(l) (x-m)^2
-  and the diffusion term is 1/2 (D int a + sum (x - m)^2 int b) over [LOGSNR_1, LOGSNR_0]; the
-  prior and reconstruction terms are the float64 references above.
+  eps - eps_hat = c alpha^2 s^2 eps - c sigma alpha (x - m), c = 1 / (alpha^2 s^2 + sigma^2), so
+  per pixel E_eps ||eps - eps_hat||^2 = c^2 alpha^2 (alpha^2 s^4 + sigma^2 (x - m)^2), which is
+  a(l) + b(l) (x - m)^2, and the diffusion term is 1/2 (D int a + sum (x - m)^2 int b) over
+  [LOGSNR_1, LOGSNR_0]; the prior and reconstruction terms are the float64 references above.
   """
   s2 = DATA_STD ** 2
 

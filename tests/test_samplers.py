@@ -57,7 +57,7 @@ def test_ddim_is_deterministic_and_eta_adds_noise():
   assert not np.allclose(a, c)
 
 
-# ------------------------------------------------- DDIM with eta > 0 against the exact Gaussian chain
+# ----------------------------------------------- DDIM with eta > 0 against the exact Gaussian chain
 
 _COSINE_S = 0.008
 _COSINE_CAP = np.log((1 - 2.0 ** -23) / 2.0 ** -23)  # lambda(t = 0) of the cosine schedule

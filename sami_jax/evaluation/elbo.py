@@ -7,7 +7,8 @@ end points):
     -log p(x) <= L_recon + L_diffusion + L_prior (+ extras, e.g. KL(q(z | x) || N(0, I)))
 
   L_diffusion = 1/2 int_{lambda_1}^{lambda_0} E_eps || eps - eps_hat(x_lambda, lambda) ||^2 dlambda
-              = (lambda_0 - lambda_1) / 2 * E_{lambda ~ U[lambda_1, lambda_0], eps} ||eps - eps_hat||^2
+              = (lambda_0 - lambda_1) / 2 * E_{lambda ~ U[lambda_1, lambda_0], eps}
+                  ||eps - eps_hat||^2
                 (summed over the D pixels; x_lambda = alpha x + sigma eps with alpha^2 =
                 sigmoid(lambda), sigma^2 = sigmoid(-lambda); the network sees t = t(lambda))
   L_prior     = KL( q(x_1 | x) || N(0, I) ),   q(x_1 | x) = N(alpha_1 x, sigma_1^2 I) at lambda_1
@@ -19,13 +20,14 @@ end points):
 The diffusion term is VDM's continuous-time bound (Kingma et al. 2021) with the change of variables
 t -> lambda, under which its weight -1/2 dlambda/dt becomes the constant 1/2: lambda is drawn
 uniformly (stratified) on exactly [lambda_1, lambda_0], so the three terms tile the log-SNR range
-with no gap and the sum is a bound for any eps_hat (an estimate in t with t clamped away from 0
-leaves (lambda(t_min), lambda_0] uncovered, and is then not a bound). For the cosine schedule
-lambda_0 = 15.94 (its cap of alpha^2 at 1 - 2^-23) and lambda_1 = diffusion.logsnr_min; for the
-linear one lambda_0 = diffusion.logsnr_max. VDM computes L_recon with a softmax over the 256 values;
-we integrate the Gaussian over each bin instead (DDPM's discretised decoder), which is a proper
-probability mass on the 256 values and agrees with VDM's when exp(-lambda_0 / 2) is much smaller than
-a bin, as it is at lambda_0 > 12.
+with no gap and the sum is a bound for any eps_hat(x_t, t) (see BoundFn for a latent). An estimate
+in t with t clamped away from 0 leaves (lambda(t_min), lambda_0] uncovered and is then not a bound.
+For the cosine schedule lambda_0 = 15.94 (its cap of alpha^2 at 1 - 2^-23) and lambda_1 =
+diffusion.logsnr_min; for the linear one lambda_0 = diffusion.logsnr_max and lambda_1 = lambda(1),
+-10.05 with DDPM's betas. VDM computes L_recon with a softmax over the 256 values; we integrate
+the Gaussian over each bin instead (DDPM's discretised decoder), which is a proper probability mass
+on the 256 values and agrees with VDM's when exp(-lambda_0 / 2) is much smaller than a bin, as it
+is at lambda_0 > 12.
 
 Model kinds plug in through `eps_hat_fn` (see `make_bound_fn`); `estimate` runs the Monte Carlo
 over batches with a per-image standard error. Everything here is a pure function of arrays; nats
@@ -252,9 +254,19 @@ class BoundEstimate:
     return d
 
 
-@functools.lru_cache(maxsize=32)
 def _draw_average_fn(bound_fn: BoundFn, draws: int):
-  """jit(params, x0, key) -> {term: [B] average over `draws` stratified lambda samples}."""
+  """jit(params, x0, key) -> {term: [B] average over `draws` stratified lambda samples}.
+
+  Cached per (bound_fn, draws), so that repeated estimates reuse the compiled function; a bound_fn
+  that cannot be hashed (an unhashable eps_hat_fn) gets a fresh one.
+  """
+  try:
+    return _cached_draw_average_fn(bound_fn, draws)
+  except TypeError:
+    return _draw_average_fn_uncached(bound_fn, draws)
+
+
+def _draw_average_fn_uncached(bound_fn: BoundFn, draws: int):
 
   def run(params, x0, key):
     b = x0.shape[0]
@@ -274,14 +286,18 @@ def _draw_average_fn(bound_fn: BoundFn, draws: int):
   return jax.jit(run)
 
 
+_cached_draw_average_fn = functools.lru_cache(maxsize=32)(_draw_average_fn_uncached)
+
+
 def estimate(bound_fn: BoundFn, params, batches: Iterable[tuple[Any, Any]], *, draws: int,
              key: jax.Array) -> BoundEstimate:
   """Estimates every term of the bound over a set of images, with standard errors.
 
   Each image gets `draws` stratified lambda samples, evenly spaced with a random shift of its own
-  (u_j = (j + offset) / draws), each with its own eps; its terms are averaged over them, and the standard error of each term is that of the mean over images of these
-  per-image averages (images are independent), so it covers both the spread of the bound across
-  images and the Monte Carlo noise.
+  (u_j = (j + offset) / draws), each with its own eps; its terms are averaged over them. The
+  standard error of each term is that of the mean over images of these per-image averages (images
+  are independent), so it covers both the spread of the bound across images and the Monte Carlo
+  noise.
 
   Args:
     bound_fn: from make_bound_fn.
