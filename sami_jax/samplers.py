@@ -68,10 +68,15 @@ def sample(eps_fn: EpsFn, schedule: schedules.Schedule, x_init: jax.Array, rng: 
       eps = (x - alpha_t * x0) / sigma_t
     noise = jax.random.normal(key, x.shape, x.dtype)
     if sampler == "ddim":
-      # DDIM (Song et al. 2021) in alpha/sigma form; c^2 is eta^2 times the DDPM posterior variance.
-      c2 = eta ** 2 * (sigma_s ** 2 / sigma_t ** 2) * (1.0 - (alpha_t * sigma_s) ** 2 /
-                                                         (alpha_s * sigma_t) ** 2)
-      c2 = jnp.clip(c2, 0.0, sigma_s ** 2)
+      # DDIM (Song et al. 2021, eq. 12) with alpha_bar = alpha^2 and 1 - alpha_bar = sigma^2:
+      #   c^2 = eta^2 (sigma_s^2 / sigma_t^2) (1 - alpha_t^2 / alpha_s^2),
+      # eta^2 times the DDPM posterior variance (eta = 1 is the ancestral step). 1 - alpha_t^2 /
+      # alpha_s^2 is taken as -expm1 of a log-sigmoid difference, so that close steps keep their
+      # precision in float32.
+      one_minus_ratio = -jnp.expm1(jax.nn.log_sigmoid(schedule.logsnr(t))
+                                   - jax.nn.log_sigmoid(schedule.logsnr(s)))
+      c2 = eta ** 2 * (sigma_s ** 2 / sigma_t ** 2) * one_minus_ratio
+      c2 = jnp.clip(c2, 0.0, sigma_s ** 2)  # rounding only: c^2 <= sigma_s^2 exactly
       x_next = alpha_s * x0 + jnp.sqrt(sigma_s ** 2 - c2) * eps + jnp.sqrt(c2) * noise
     else:
       alpha_ts = alpha_t / alpha_s

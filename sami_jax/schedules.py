@@ -13,6 +13,13 @@ import math
 import jax
 import jax.numpy as jnp
 
+# The cosine schedule's alpha_bar is held in [1e-30, 1 - 2^-23] (its lambda in [FLOOR, CAP]):
+# 1 - 2^-23 is the float32 value of the 1 - 1e-7 it was first clipped at, which puts lambda(t = 0)
+# at 15.94 rather than +inf. Kept as it is so that models trained with it see the same inputs.
+_COSINE_ALPHA_BAR_GAP = 2.0 ** -23
+_COSINE_LOGSNR_CAP = math.log1p(-_COSINE_ALPHA_BAR_GAP) - math.log(_COSINE_ALPHA_BAR_GAP)
+_COSINE_LOGSNR_FLOOR = math.log(1e-30) - math.log1p(-1e-30)
+
 
 @dataclasses.dataclass(frozen=True)
 class Schedule:
@@ -40,14 +47,32 @@ class Schedule:
   time_sampling: str = "uniform"
   high_noise_power: float = 0.5
 
+  def _cosine_consts(self) -> tuple[float, float, float]:
+    """(c, cos(s c), sin(s c)) with c = pi / (2 (1 + s)): u_t = (t + s) c is the cosine's angle."""
+    c = math.pi / (2.0 * (1.0 + self.cosine_s))
+    return c, math.cos(self.cosine_s * c), math.sin(self.cosine_s * c)
+
+  def _logsnr_range(self) -> tuple[float, float]:
+    """The interval lambda is clipped to: [logsnr_min, logsnr_max], narrowed by the kind's cap."""
+    lo, hi = self.logsnr_min, self.logsnr_max
+    if self.kind == "cosine":
+      lo, hi = max(lo, _COSINE_LOGSNR_FLOOR), min(hi, _COSINE_LOGSNR_CAP)
+    return lo, hi
+
   def _logsnr_unclipped(self, t: jax.Array) -> jax.Array:
     if self.kind == "cosine":
+      # alpha_bar = cos^2(u_t) / cos^2(u_0). Written with sines of the small angles (1 - t) c,
+      # t c and (t + 2 s) c, so that neither 1 - alpha_bar near t = 0 nor alpha_bar near t = 1
+      # comes from a float32 difference:
+      #   alpha_bar     = sin^2((1 - t) c) / cos^2(s c)
+      #   1 - alpha_bar = sin(t c) sin((t + 2 s) c) / cos^2(s c).
+      # The floors keep log(0) (and its infinite derivative, which jax.jvp would turn into NaN
+      # through the clip) away from t = 0 and t = 1.
+      c, _, _ = self._cosine_consts()
       s = self.cosine_s
-      u = (t + s) / (1.0 + s) * (math.pi / 2)
-      u0 = s / (1.0 + s) * (math.pi / 2)
-      # alpha_bar = cos^2(u) / cos^2(u0); lambda = log(alpha_bar / (1 - alpha_bar)).
-      alpha_bar = jnp.clip(jnp.cos(u) ** 2 / math.cos(u0) ** 2, 1e-30, 1.0 - 1e-7)
-      return jnp.log(alpha_bar) - jnp.log1p(-alpha_bar)
+      sin_far = jnp.sin(jnp.maximum(1.0 - t, 1e-30) * c)
+      sin_near = jnp.sin(jnp.maximum(t, 1e-30) * c)
+      return 2.0 * jnp.log(sin_far) - jnp.log(sin_near) - jnp.log(jnp.sin((t + 2.0 * s) * c))
     if self.kind == "linear":
       b0, b1 = self.beta_start * 1000.0, self.beta_end * 1000.0
       integral = b0 * t + 0.5 * (b1 - b0) * t ** 2  # -log alpha_bar
@@ -56,9 +81,54 @@ class Schedule:
     raise ValueError(f"unknown schedule kind {self.kind!r}; use 'cosine' or 'linear'.")
 
   def logsnr(self, t: jax.Array) -> jax.Array:
-    """lambda_t for t of any shape (elementwise), clipped to [logsnr_min, logsnr_max]."""
+    """lambda_t for t of any shape (elementwise), clipped to [logsnr_min, logsnr_max].
+
+    The cosine schedule is further capped where alpha_bar = 1 - 2^-23 (lambda = 15.94, the float32
+    rounding of the 1 - 1e-7 it has always been clipped at), which is its value at t = 0.
+    """
     t = jnp.asarray(t, jnp.float32)
-    return jnp.clip(self._logsnr_unclipped(t), self.logsnr_min, self.logsnr_max)
+    lo, hi = self._logsnr_range()
+    return jnp.clip(self._logsnr_unclipped(t), lo, hi)
+
+  def t_from_logsnr(self, lam: jax.Array) -> jax.Array:
+    """The time t in [0, 1] with logsnr(t) = lam: the inverse of `logsnr`, elementwise, float32.
+
+    Exact (closed form) inside the clip range [logsnr(1), logsnr(0)]; lam outside it is first
+    clipped into it. Where `logsnr` itself is flat (clipped: t near 0 for the cosine schedule,
+    t near 1 when logsnr_min cuts it off), the result is the end of that flat stretch nearest the
+    unclipped part, e.g. t_from_logsnr(logsnr(0)) is about 3e-6 for the default cosine schedule.
+
+    Args:
+      lam: log-SNR values, any shape.
+    Returns:
+      t of lam's shape.
+    """
+    lam = jnp.asarray(lam, jnp.float32)
+    lo, hi = self._logsnr_range()
+    lam = jnp.clip(lam, lo, hi)
+    if self.kind == "cosine":
+      # With u the angle (cos^2 u = alpha_bar cos^2 u_0), t c = u - u_0 = atan2(sin(u - u_0),
+      # cos(u - u_0)). sin(u - u_0) is rewritten without the cancellation of sin u cos u_0 -
+      # cos u sin u_0 (its numerator reduces to (1 - alpha_bar) (sin^2 + cos^2) u_0):
+      #   sin(u - u_0) = cos u_0 sigmoid(-lam) / (sin u + sqrt(alpha_bar) sin u_0)
+      #   cos(u - u_0) = cos^2 u_0 sqrt(alpha_bar) + sin u sin u_0
+      # with sin u = sqrt(sin^2 u_0 + cos^2 u_0 sigmoid(-lam)).
+      c, cos0, sin0 = self._cosine_consts()
+      alpha_bar, one_minus = jax.nn.sigmoid(lam), jax.nn.sigmoid(-lam)
+      sqrt_ab = jnp.sqrt(alpha_bar)
+      sin_u = jnp.sqrt(sin0 ** 2 + cos0 ** 2 * one_minus)
+      num = cos0 * one_minus / (sin_u + sqrt_ab * sin0)
+      den = cos0 ** 2 * sqrt_ab + sin_u * sin0
+      t = jnp.arctan2(num, den) / c
+    elif self.kind == "linear":
+      # -log alpha_bar = softplus(-lam) = b0 t + (b1 - b0) t^2 / 2, solved for t >= 0 in the form
+      # without the cancellation of -b0 + sqrt(b0^2 + 2 (b1 - b0) I).
+      b0, b1 = self.beta_start * 1000.0, self.beta_end * 1000.0
+      integral = jax.nn.softplus(-lam)
+      t = 2.0 * integral / (b0 + jnp.sqrt(b0 ** 2 + 2.0 * (b1 - b0) * integral))
+    else:
+      raise ValueError(f"unknown schedule kind {self.kind!r}; use 'cosine' or 'linear'.")
+    return jnp.clip(t, 0.0, 1.0)
 
   def alpha_sigma(self, t: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(alpha_t, sigma_t), each of t's shape."""

@@ -73,3 +73,112 @@ def test_from_config_reads_diffusion_fields():
   c.diffusion.num_timesteps = 7
   s = schedules.from_config(c)
   assert s.kind == "linear" and s.num_timesteps == 7
+
+
+# ------------------------------------------------------------------ log-SNR <-> t, against float64
+
+COSINE_S = 0.008
+COSINE_CAP = np.log((1 - 2.0 ** -23) / 2.0 ** -23)  # alpha_bar <= float32(1 - 1e-7) = 1 - 2^-23
+
+
+def _ref_logsnr(kind, t):
+  """lambda(t) in float64 from the textbook definitions, written out here (unclipped)."""
+  t = np.asarray(t, np.float64)
+  if kind == "cosine":
+    f = lambda u: np.cos((u + COSINE_S) / (1 + COSINE_S) * np.pi / 2) ** 2
+    alpha_bar = f(t) / f(0.0)
+    with np.errstate(divide="ignore"):
+      return np.log(alpha_bar) - np.log1p(-alpha_bar)
+  # Linear betas, continuous: -log alpha_bar = 0.1 t + (20 - 0.1) t^2 / 2.
+  with np.errstate(divide="ignore"):
+    return -np.log(np.expm1(0.1 * t + 0.5 * (20.0 - 0.1) * t ** 2))
+
+
+def _ref_t(kind, lam):
+  """The inverse of _ref_logsnr in float64 (arccos of the cosine; the quadratic formula)."""
+  lam = np.asarray(lam, np.float64)
+  alpha_bar = 1.0 / (1.0 + np.exp(-lam))
+  if kind == "cosine":
+    u0 = COSINE_S / (1 + COSINE_S) * np.pi / 2
+    return np.arccos(np.sqrt(alpha_bar) * np.cos(u0)) * 2 / np.pi * (1 + COSINE_S) - COSINE_S
+  integral = -np.log(alpha_bar)
+  return (-0.1 + np.sqrt(0.1 ** 2 + 2 * (20.0 - 0.1) * integral)) / (20.0 - 0.1)
+
+
+def _t_grid():
+  """Times in [0, 1], dense near both ends, as float32."""
+  ends = np.geomspace(1e-8, 1e-2, 120)
+  return np.unique(np.concatenate([[0.0, 1.0], ends, np.linspace(0, 1, 801), 1 - ends])
+                   ).astype(np.float32)
+
+
+def _range(kind):
+  """[lambda(t=1), lambda(t=0)], derived by hand: cosine -20 (logsnr_min) to its cap; linear its
+  own value at t = 1 up to logsnr_max = 20."""
+  if kind == "cosine":
+    return -20.0, COSINE_CAP
+  return float(_ref_logsnr("linear", 1.0)), 20.0
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear"])
+def test_logsnr_matches_float64_closed_form_up_to_both_ends(kind):
+  s = schedules.Schedule(kind=kind)
+  t = _t_grid()
+  lo, hi = _range(kind)
+  want = np.clip(_ref_logsnr(kind, t), lo, hi)  # the float64 value at the same float32 t
+  got = np.asarray(s.logsnr(t), np.float64)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-5)
+  np.testing.assert_allclose([s.logsnr(0.0), s.logsnr(1.0)], [hi, lo], rtol=1e-6)
+  # The VDM weight stays finite (0 where clipped) at the very ends.
+  w = np.asarray(s.elbo_weight(jnp.array([0.0, 1e-9, 1.0 - 1e-7, 1.0])))
+  assert np.all(np.isfinite(w)) and np.all(w >= 0), w
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear"])
+def test_t_from_logsnr_matches_float64_inverse(kind):
+  s = schedules.Schedule(kind=kind)
+  lo, hi = _range(kind)
+  lam = np.concatenate([np.linspace(lo, hi, 2001), hi - np.geomspace(1e-6, 1, 40),
+                        lo + np.geomspace(1e-6, 1, 40)]).astype(np.float32)
+  want = _ref_t(kind, lam)
+  got = np.asarray(s.t_from_logsnr(lam), np.float64)
+  ulp = np.spacing(want.astype(np.float32)).astype(np.float64)
+  assert np.all(np.abs(got - want) <= 8 * ulp), np.max(np.abs(got - want) / ulp)
+  # Outside the range: clipped into it.
+  np.testing.assert_allclose(s.t_from_logsnr(jnp.array([lo - 5.0, hi + 5.0])),
+                             s.t_from_logsnr(jnp.array([lo, hi])))
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear"])
+def test_t_to_logsnr_to_t_round_trip(kind):
+  s = schedules.Schedule(kind=kind)
+  lo, hi = _range(kind)
+  t = _t_grid()
+  lam = np.asarray(s.logsnr(t))
+  back = np.asarray(s.t_from_logsnr(lam))
+  inside = (lam > lo + 1e-4) & (lam < hi - 1e-4)
+  assert inside.sum() > 900
+  # lambda is rounded to float32 (relative 6e-8 of |lambda| <= 20); near t = 0, dt = t dlambda.
+  tol = 4e-6 * t + 2 * np.spacing(t)
+  err = np.abs(back - t)
+  assert np.all(err[inside] <= tol[inside]), np.max(err[inside] / tol[inside])
+  # Where logsnr is flat (clipped), the round trip lands on the same clipped value.
+  np.testing.assert_allclose(s.logsnr(back)[~inside], lam[~inside], atol=2e-3)
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear"])
+def test_logsnr_to_t_to_logsnr_round_trip(kind):
+  s = schedules.Schedule(kind=kind)
+  lo, hi = _range(kind)
+  lam = np.concatenate([np.linspace(lo, hi, 2001), hi - np.geomspace(1e-6, 1, 40),
+                        lo + np.geomspace(1e-6, 1, 40)]).astype(np.float32)
+  t = np.asarray(s.t_from_logsnr(lam))
+  back = np.asarray(s.logsnr(t), np.float64)
+  # float32 t cannot do better than |dlambda/dt| * ulp(t) (near t = 1 that is ~4e-3: lambda moves
+  # by 2 / (1 - t) per unit t); the derivative here is from the float64 reference.
+  tt = t.astype(np.float64)
+  h = 1e-4 * np.minimum(tt, 1 - tt) + 1e-12
+  slope = np.abs(_ref_logsnr(kind, tt + h) - _ref_logsnr(kind, tt - h)) / (2 * h)
+  tol = 2e-6 * (1 + np.abs(lam)) + 2 * slope * np.spacing(t)
+  err = np.abs(back - lam)
+  assert np.all(err <= tol), np.max(err / tol)
