@@ -183,6 +183,11 @@ class Model:
     s, _, c = self.image_shape
     if tuple(x.shape[1:]) != self.image_shape:
       got = list(x.shape[1:])
+      if tuple(x.shape[1:]) == (c, s, s):
+        raise ValueError(f"{what}: got shape {list(np.shape(images))}, which looks like channels "
+                         f"first (NCHW); this model takes channels last [N, H, W, C] = [N, "
+                         f"{', '.join(map(str, self.image_shape))}]. Fix: "
+                         "images.transpose(0, 2, 3, 1).")
       if x.shape[-1] != c:
         fix = (f"convert to {'grayscale' if c == 1 else 'RGB'} ({c} channel(s)), e.g. "
                + ("PIL's image.convert('L')" if c == 1 else "PIL's image.convert('RGB')"))
@@ -232,7 +237,17 @@ class Model:
 
   def _gamma(self, guidance_scale: float | None) -> np.float32:
     g = self.config.sampling.guidance_scale if guidance_scale is None else guidance_scale
+    if not np.isfinite(g):
+      raise ValueError(f"guidance_scale must be a finite number (1: the trained guidance, 0: "
+                       f"none), got {guidance_scale!r}.")
     return np.float32(g)
+
+  @staticmethod
+  def _seed(seed) -> np.uint32:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not (
+        0 <= int(seed) < 2 ** 32):
+      raise ValueError(f"seed must be an integer in [0, 2**32), got seed={seed!r}.")
+    return np.uint32(seed)
 
   # ------------------------------------------------------------------ public methods
 
@@ -274,9 +289,13 @@ class Model:
       float32 [N, H, W, C] in [-1, 1].
     """
     steps = self._check_steps(steps)
+    seed = self._seed(seed)
     z = np.asarray(z, np.float32)
     if z.ndim == 1:
       z = z[None]
+    if not np.all(np.isfinite(z)):
+      raise ValueError("z contains NaN or inf values; pass finite latents (e.g. from "
+                       "Model.encode).")
     if z.ndim != 2 or z.shape[1] != self.latent_dim:
       raise ValueError(f"z: expected latents [N, {self.latent_dim}] (model.encoder.latent_dim="
                        f"{self.latent_dim}); got shape {list(z.shape)}.")
@@ -292,7 +311,7 @@ class Model:
                lambda start, stop, size: self._decode_chunk(
                    self.params, _pad_rows(z[start:stop], size),
                    _pad_rows(noise_ids[start:stop], size), _pad_rows(rows[start:stop], size),
-                   np.uint32(seed), gamma, steps=steps), collect)
+                   seed, gamma, steps=steps), collect)
     return out
 
   def reconstruct(self, images: Any, steps: int | None = None, seed: int = 0, *,
@@ -316,7 +335,8 @@ class Model:
       raise ValueError(f"reconstruct(use_mean=False) samples z ~ q(z | x), but this "
                        f"{self.kind} model's encoder is deterministic; use use_mean=True.")
     z = mean if use_mean else (
-        mean + std * np.random.default_rng(seed).standard_normal(mean.shape).astype(np.float32))
+        mean + std * np.random.default_rng(self._seed(seed)).standard_normal(
+            mean.shape).astype(np.float32))
     return self.decode(z, steps=steps, seed=seed, guidance_scale=guidance_scale)
 
   def generate(self, n: int, seed: int = 0, steps: int | None = None, *,
@@ -328,7 +348,8 @@ class Model:
     """
     if int(n) < 1:
       raise ValueError(f"generate: n must be >= 1, got {n}.")
-    z = np.random.default_rng(seed).standard_normal((int(n), self.latent_dim)).astype(np.float32)
+    z = np.random.default_rng(self._seed(seed)).standard_normal(
+        (int(n), self.latent_dim)).astype(np.float32)
     return self.decode(z, steps=steps, seed=seed, guidance_scale=guidance_scale)
 
   def traverse(self, image: Any, dim: int, values: Sequence[float] | np.ndarray | None = None,

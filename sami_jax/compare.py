@@ -88,8 +88,8 @@ def run_kind(base, kind: str, workdir: str) -> dict[str, Any]:
     logging.info("compare: training %s in %s.", kind, run_dir)
     summary = train.train(config, run_dir)
     if summary.get("preempted"):
-      raise RuntimeError(f"The {kind} run was stopped before its last step; rerun the same "
-                         "command to resume it.")
+      raise train.PreemptedError(f"The {kind} run was stopped before its last step (its "
+                                 "checkpoint is saved); rerun the same command to resume.")
   else:
     logging.info("compare: %s is already trained (%s).", kind, run_dir)
   report_path = os.path.join(run_dir, "eval", str(config.train.num_steps), "report.json")
@@ -279,14 +279,19 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   cli.quiet_library_logs()
+  from sami_jax import configlib  # pylint: disable=g-import-not-at-top
   from sami_jax.utils import compile_cache  # pylint: disable=g-import-not-at-top
   compile_cache.enable()
   try:
-    compare(_CONFIG.value, os.path.expanduser(_WORKDIR.value), _KINDS.value)
-  except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as e:
-    if not cli.raised_by_sami_jax(e):
+    compare(configlib.expand_user_paths(_CONFIG.value), os.path.expanduser(_WORKDIR.value),
+            _KINDS.value)
+  except Exception as e:  # pylint: disable=broad-except
+    from sami_jax import train  # pylint: disable=g-import-not-at-top
+    if isinstance(e, train.PreemptedError):
+      print(f"Stopped: {e}", file=sys.stderr)
+      sys.exit(train.PREEMPTED_EXIT_CODE)
+    if not cli.report_user_error(e):
       raise
-    print(f"Error: {e}", file=sys.stderr)
     sys.exit(2)
   with open(os.path.join(os.path.expanduser(_WORKDIR.value), "comparison.md")) as f:
     print(f.read())
@@ -294,4 +299,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  app.run(main, flags_parser=lambda argv: cli.parse_flags(argv, _CONFIG))

@@ -268,6 +268,7 @@ def _fail(field: str, msg: str):
 
 
 def _one_of(c, field: str, value, choices):
+  del c
   if value not in choices:
     _fail(field, f"{value!r} is not one of {list(choices)}.")
 
@@ -302,75 +303,190 @@ def parse_mesh(spec: str, num_devices: int) -> dict[str, int]:
   return sizes
 
 
+# ------------------------------------------------------------------------------ validation
+#
+# One rule per field of default_config() (tests/test_config.py checks that every field has one),
+# so every knob is checked before anything is compiled; cross-field checks follow in `validate`.
+
+FACTOR_SETS = ("xy_bg", "xy_bg_r_fg")  # data/disks.py's factor sets (a test keeps them in step)
+
+
+def _number(value, *, integer: bool) -> bool:
+  if isinstance(value, bool):
+    return False
+  if integer:
+    return isinstance(value, int)
+  return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _rule_int(lo: int | None = None, hi: int | None = None):
+  def check(field, v):
+    if not _number(v, integer=True):
+      _fail(field, f"must be an integer, got {v!r}.")
+    if lo is not None and v < lo:
+      _fail(field, f"must be positive, got {v}." if lo == 1 else f"must be >= {lo}, got {v}.")
+    if hi is not None and v > hi:
+      _fail(field, f"must be <= {hi}, got {v}.")
+  return check
+
+
+def _rule_float(lo: float | None = None, *, lo_open: bool = False, hi: float | None = None,
+                hi_open: bool = False):
+  if lo is not None and hi is not None:
+    what = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+  elif lo is not None:
+    what = ("positive and finite" if lo == 0 and lo_open else
+            f"{'>' if lo_open else '>='} {lo:g} and finite")
+  else:
+    what = "a finite number" + ("" if hi is None else f" {'<' if hi_open else '<='} {hi:g}")
+
+  def check(field, v):
+    ok = _number(v, integer=False)
+    ok = ok and not (lo is not None and (v <= lo if lo_open else v < lo))
+    ok = ok and not (hi is not None and (v >= hi if hi_open else v > hi))
+    if not ok:
+      _fail(field, f"must be {what}, got {v!r}.")
+  return check
+
+
+def _rule_choice(choices):
+  def check(field, v):
+    _one_of(None, field, v, choices)
+  return check
+
+
+def _rule_bool(field, v):
+  if not isinstance(v, bool):
+    _fail(field, f"must be true or false, got {v!r}.")
+
+
+def _rule_str(field, v):
+  if not isinstance(v, str):
+    _fail(field, f"must be a string, got {v!r}.")
+
+
+def _rule_ints(min_len: int):
+  def check(field, v):
+    if not isinstance(v, (tuple, list)) or len(v) < min_len or not all(
+        _number(x, integer=True) and x >= 1 for x in v):
+      _fail(field, f"must be a tuple of positive integers{' (at least one)' if min_len else ''}, "
+            f"e.g. (1, 2, 2); got {v!r}.")
+  return check
+
+
+_POS_INT, _NONNEG_INT = _rule_int(1), _rule_int(0)
+_POS, _NONNEG = _rule_float(0, lo_open=True), _rule_float(0)
+_UNIT_OPEN = _rule_float(0, hi=1, hi_open=True)  # [0, 1)
+
+_RULES = {
+    "seed": _rule_int(0, 2 ** 31 - 1),
+    "data.name": _rule_choice(DATASETS), "data.data_dir": _rule_str, "data.manual_dir": _rule_str,
+    "data.folder": _rule_str, "data.image_size": _rule_int(4), "data.channels": _rule_choice((1, 3)),
+    "data.factors": _rule_choice(FACTOR_SETS), "data.num_train": _POS_INT,
+    "data.num_test": _rule_int(2), "data.video_frames": _rule_int(2),
+    "data.num_workers": _NONNEG_INT, "data.prefetch": _NONNEG_INT,
+    "model.kind": None,  # checked against kinds.KINDS in validate
+    "model.dtype": _rule_choice(DTYPES), "model.denoiser_checkpoint": _rule_str,
+    "model.denoiser.ch": _POS_INT, "model.denoiser.ch_mult": _rule_ints(1),
+    "model.denoiser.num_res_blocks": _POS_INT, "model.denoiser.attn_resolutions": _rule_ints(0),
+    "model.denoiser.dropout": _UNIT_OPEN, "model.denoiser.num_groups": _POS_INT,
+    "model.denoiser.remat": _rule_bool,
+    "model.decoder.ch": _POS_INT, "model.decoder.ch_mult": _rule_ints(1),
+    "model.decoder.num_res_blocks": _NONNEG_INT, "model.decoder.num_groups": _POS_INT,
+    "model.decoder.obs_std": _POS,
+    "model.encoder.ch": _POS_INT, "model.encoder.ch_mult": _rule_ints(1),
+    "model.encoder.num_res_blocks": _POS_INT, "model.encoder.attn_resolutions": _rule_ints(0),
+    "model.encoder.num_groups": _POS_INT, "model.encoder.latent_dim": _POS_INT,
+    "model.encoder.time_conditioning": _rule_bool,
+    "model.encoder.scale_param": _rule_choice(SCALE_PARAMS), "model.encoder.min_std": _POS,
+    "model.encoder.max_std": _POS, "model.encoder.init_std": _POS,
+    "model.encoder.mean_init_scale": _POS, "model.encoder.pool": _rule_choice(POOLS),
+    "diffusion.schedule": _rule_choice(SCHEDULES), "diffusion.cosine_s": _POS,
+    "diffusion.linear_beta_start": _POS, "diffusion.linear_beta_end": _POS,
+    "diffusion.logsnr_min": _rule_float(), "diffusion.logsnr_max": _rule_float(),
+    "diffusion.num_timesteps": _NONNEG_INT, "diffusion.weighting": _rule_choice(WEIGHTINGS),
+    "diffusion.time_sampling": _rule_choice(TIME_SAMPLINGS),
+    "diffusion.high_noise_power": _rule_float(0, lo_open=True, hi=1),
+    "diffusion.guidance_scale": _NONNEG,
+    "objective.beta_schedule": _rule_choice(BETA_SCHEDULES), "objective.beta_start": _POS,
+    "objective.beta_end": _NONNEG, "objective.beta_warmup_steps": _NONNEG_INT,
+    "objective.vae_beta": _NONNEG, "objective.test_inject_nan_step": _rule_int(-1),
+    "optim.lr": _POS, "optim.warmup_steps": _NONNEG_INT, "optim.lr_decay": _rule_choice(LR_DECAYS),
+    "optim.b1": _UNIT_OPEN, "optim.b2": _UNIT_OPEN, "optim.eps": _POS, "optim.grad_clip": _NONNEG,
+    "optim.weight_decay": _NONNEG, "optim.ema_decay": _UNIT_OPEN, "optim.encoder_lr_mult": _NONNEG,
+    "train.batch_size": _POS_INT, "train.num_steps": _POS_INT, "train.log_every": _POS_INT,
+    "train.ckpt_every": _POS_INT, "train.keep_ckpts": _POS_INT, "train.keep_every": _NONNEG_INT,
+    "train.sample_every": _NONNEG_INT, "train.num_sample_images": _POS_INT,
+    "train.write_grids": _rule_bool, "train.probe_at_end": _rule_bool,
+    "sampling.sampler": _rule_choice(SAMPLERS), "sampling.steps": _POS_INT,
+    "sampling.eta": _NONNEG, "sampling.guidance_scale": _NONNEG, "sampling.use_mean": _rule_bool,
+    "sampling.traverse_range": _POS, "sampling.traverse_points": _POS_INT,
+    "sampling.prior": _rule_choice(PRIORS),
+    "latent_prior.num_examples": _rule_int(2), "latent_prior.width": _POS_INT,
+    "latent_prior.depth": _POS_INT, "latent_prior.num_steps": _POS_INT,
+    "latent_prior.batch_size": _POS_INT, "latent_prior.lr": _POS,
+    "latent_prior.sampling_steps": _POS_INT,
+    "eval.num_examples": _rule_int(2), "eval.num_recon": _POS_INT, "eval.export_split": _rule_str,
+    "eval.export_format": _rule_choice(EXPORT_FORMATS), "eval.step": _rule_int(-1),
+    "eval.sections": _rule_str, "eval.batch_size": _POS_INT, "eval.num_elbo_examples": _POS_INT,
+    "eval.elbo_t_samples": _POS_INT, "eval.num_ablation_examples": _POS_INT,
+    "eval.ablation_buckets": _POS_INT, "eval.dci_mode": _rule_choice(DCI_MODES),
+    "eval.factorvae_votes": _POS_INT, "eval.num_video": _POS_INT,
+    "eval.num_interpolations": _NONNEG_INT, "eval.num_fid": _rule_int(2),
+    "eval.inception_weights": _rule_str,
+    "mesh": _rule_str, "fsdp_min_size": _NONNEG_INT,
+}
+
+
+def flat_fields(c: ml_collections.ConfigDict, prefix: str = "") -> dict[str, object]:
+  """{dotted field name: value} of every leaf field of a config."""
+  out = {}
+  for key, value in c.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      out.update(flat_fields(value, prefix + key + "."))
+    else:
+      out[prefix + key] = value
+  return out
+
+
 def validate(c: ml_collections.ConfigDict, num_devices: int | None = None,
              num_processes: int = 1) -> None:
-  """Checks a config before anything is compiled. Raises ConfigError naming the field."""
+  """Checks a config before anything is compiled. Raises ConfigError naming the field and the fix.
+
+  Every field has a rule (type, range or choices); then the cross-field checks: the posterior std
+  bounds, the schedules, the networks against the image size, the kind's needs, the batch against
+  processes and devices.
+  """
   from sami_jax import kinds  # pylint: disable=g-import-not-at-top  (kinds imports jax)
-  _one_of(c, "data.name", c.data.name, DATASETS)
+  for field, value in flat_fields(c).items():
+    rule = _RULES.get(field)
+    if rule is not None:
+      rule(field, value)
   _one_of(c, "model.kind", c.model.kind, tuple(kinds.KINDS))
-  _one_of(c, "model.dtype", c.model.dtype, DTYPES)
-  _one_of(c, "diffusion.schedule", c.diffusion.schedule, SCHEDULES)
-  _one_of(c, "diffusion.weighting", c.diffusion.weighting, WEIGHTINGS)
-  _one_of(c, "diffusion.time_sampling", c.diffusion.time_sampling, TIME_SAMPLINGS)
-  _one_of(c, "objective.beta_schedule", c.objective.beta_schedule, BETA_SCHEDULES)
-  _one_of(c, "model.encoder.scale_param", c.model.encoder.scale_param, SCALE_PARAMS)
-  _one_of(c, "sampling.sampler", c.sampling.sampler, SAMPLERS)
-  _one_of(c, "model.encoder.pool", c.model.encoder.pool, POOLS)
-  _one_of(c, "sampling.prior", c.sampling.prior, PRIORS)
-  _one_of(c, "optim.lr_decay", c.optim.lr_decay, LR_DECAYS)
-  _one_of(c, "eval.dci_mode", c.eval.dci_mode, DCI_MODES)
-  _one_of(c, "eval.export_format", c.eval.export_format, EXPORT_FORMATS)
   eval_sections(c)
 
-  for field in ("optim.lr", "train.batch_size", "train.num_steps", "train.log_every",
-                "train.ckpt_every", "data.image_size", "data.channels",
-                "model.denoiser.ch", "model.encoder.ch", "model.encoder.latent_dim",
-                "sampling.steps", "model.encoder.min_std", "objective.beta_start",
-                "model.encoder.mean_init_scale",
-                "model.decoder.ch", "model.decoder.obs_std", "latent_prior.num_examples",
-                "latent_prior.width", "latent_prior.depth", "latent_prior.num_steps",
-                "latent_prior.batch_size", "latent_prior.lr", "latent_prior.sampling_steps",
-                "eval.batch_size", "eval.num_examples", "eval.num_recon",
-                "eval.num_elbo_examples", "eval.elbo_t_samples", "eval.num_ablation_examples",
-                "eval.ablation_buckets", "eval.factorvae_votes", "eval.num_video", "eval.num_fid",
-                "train.num_sample_images", "sampling.traverse_points"):
-    obj = c
-    for part in field.split("."):
-      obj = obj[part]
-    if not (is_finite_number(obj) and obj > 0):
-      _fail(field, f"must be positive and finite, got {obj!r}.")
-  for field in ("objective.beta_end", "optim.grad_clip", "optim.weight_decay",
-                "optim.warmup_steps", "train.sample_every", "train.keep_every",
-                "diffusion.num_timesteps", "data.num_workers", "sampling.eta",
-                "model.denoiser.dropout", "objective.vae_beta", "data.prefetch",
-                "eval.num_interpolations", "seed"):
-    obj = c
-    for part in field.split("."):
-      obj = obj[part]
-    if not (is_finite_number(obj) and obj >= 0):
-      _fail(field, f"must be >= 0 and finite, got {obj!r}.")
-  if not 0.0 <= c.optim.ema_decay < 1.0:
-    _fail("optim.ema_decay", f"must be in [0, 1), got {c.optim.ema_decay}.")
   e = c.model.encoder
   if not e.min_std < e.init_std < e.max_std:
     _fail("model.encoder.init_std", "the posterior std starts at init_std, so it needs "
           f"min_std < init_std < max_std (got {e.min_std}, {e.init_std}, {e.max_std}).")
-  if not 0.0 < c.diffusion.high_noise_power <= 1.0:
-    _fail("diffusion.high_noise_power", "must be in (0, 1]; values < 1 oversample high noise.")
-  if c.diffusion.logsnr_min >= c.diffusion.logsnr_max:
+  d = c.diffusion
+  if d.logsnr_min >= d.logsnr_max:
     _fail("diffusion.logsnr_min", "must be below diffusion.logsnr_max.")
-  if c.eval.inception_weights and not os.path.exists(os.path.expanduser(c.eval.inception_weights)):
-    _fail("eval.inception_weights", f"{c.eval.inception_weights!r} does not exist; see "
+  if d.linear_beta_start >= d.linear_beta_end:
+    _fail("diffusion.linear_beta_start", "must be below diffusion.linear_beta_end.")
+  o = c.objective
+  if o.beta_schedule == "loglinear" and o.beta_end <= 0:
+    _fail("objective.beta_end", "must be > 0 for the loglinear beta schedule (use "
+          "beta_schedule=constant for no KL weight).")
+  weights = c.eval.inception_weights
+  if weights and not os.path.exists(os.path.expanduser(weights)):
+    _fail("eval.inception_weights", f"{weights!r} does not exist; see "
           "sami_jax/evaluation/inception.py for how to make it, or set it to '' to skip FID.")
-  if c.train.keep_ckpts < 1:
-    _fail("train.keep_ckpts", "must keep at least 1 checkpoint.")
 
   kind = kinds.get(c.model.kind)
   nets = [(kind.image_model, c.model[kind.image_model]), ("encoder", c.model.encoder)]
   for name, sub in nets:
     levels = len(sub.ch_mult)
-    if levels < 1:
-      _fail(f"model.{name}.ch_mult", "needs at least one level, e.g. (1, 2, 2).")
     factor = 2 ** (levels - 1)
     if c.data.image_size % factor:
       _fail(f"model.{name}.ch_mult",
@@ -388,6 +504,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None,
           "trained ddpm run (e.g. --config.model.denoiser_checkpoint=/path/to/ddpm_workdir).")
   if c.data.name == "folder" and not c.data.folder:
     _fail("data.folder", "the folder dataset needs --config.data.folder=/path/to/images.")
+  if c.data.name in ("disks", "disks_video") and c.data.channels != 1:
+    _fail("data.channels", f"{c.data.name} images are grayscale: set --config.data.channels=1.")
+  if c.data.name in ("disks", "disks_video") and c.data.image_size < 8:
+    _fail("data.image_size", f"Disks need image_size >= 8 pixels, got {c.data.image_size}.")
 
   if c.train.batch_size % num_processes:
     _fail("train.batch_size", f"{c.train.batch_size} is not divisible by the "
@@ -490,6 +610,20 @@ def for_inference(saved: ml_collections.ConfigDict | dict | str,
     if value != defaults.data[key]:
       cfg.data[key] = value
   return cfg
+
+
+# Fields that name files or directories: `~` in them means the user's home directory.
+PATH_FIELDS = ("data.data_dir", "data.manual_dir", "data.folder", "model.denoiser_checkpoint",
+               "eval.inception_weights")
+
+
+def expand_user_paths(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config with `~` expanded in every path field (in place; returned for convenience)."""
+  for field in PATH_FIELDS:
+    section, key = field.split(".")
+    if c[section][key]:
+      c[section][key] = os.path.expanduser(c[section][key])
+  return c
 
 
 def frozen(c: ml_collections.ConfigDict) -> ml_collections.FrozenConfigDict:

@@ -43,7 +43,10 @@ class Kind:
     needs_denoiser_checkpoint: the denoiser is restored from model.denoiser_checkpoint.
     kl_weight: "schedule" (objective.beta_* over training), "vae_beta" (objective.vae_beta,
       constant) or "" (no KL term).
-    no_bound_reason: why the kind has no variational bound on -log p(x) ("" if it has one).
+    bound: the variational bound on -log p(x) the kind has (evaluation/elbo.py): "diffusion"
+      (the diffusion bound of its noise prediction, plus the latent KL when it has a posterior),
+      "decoder" (the VAE bound of a one-shot decoder) or "" (none; see no_bound_reason).
+    no_bound_reason: why the kind has no bound ("" if it has one).
     compare_note: what the comparison (sami_jax.compare) changes for it, on top of the base config.
     compare_setup: applies those changes to a config (called with the config and the comparison's
       workdir).
@@ -56,6 +59,7 @@ class Kind:
   frozen: tuple[str, ...] = ()
   needs_denoiser_checkpoint: bool = False
   kl_weight: str = ""
+  bound: str = "diffusion"
   no_bound_reason: str = ""
   compare_note: str = "base config"
   compare_setup: Callable[[ml_collections.ConfigDict, str], None] | None = None
@@ -81,7 +85,7 @@ class Kind:
 
   @property
   def has_bound(self) -> bool:
-    return not self.no_bound_reason
+    return bool(self.bound)
 
   def trains(self, subtree: str) -> bool:
     return subtree not in self.frozen
@@ -121,12 +125,12 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
          compare_setup=_no_probe),
     Kind(name="beta_vae", summary="encoder + conv decoder, Gaussian likelihood, KL x vae_beta",
          image_model="decoder", encoder="posterior", latent_route="decoder",
-         kl_weight="vae_beta",
+         kl_weight="vae_beta", bound="decoder",
          compare_note="conv decoder (model.decoder), Gaussian likelihood obs_std "
                       "model.decoder.obs_std, KL weight objective.vae_beta"),
     Kind(name="diffae", summary="deterministic encoder; z conditions the U-Net by adaptive group "
          "norm (Diffusion Autoencoders)",
-         image_model="denoiser", encoder="deterministic", latent_route="adagn",
+         image_model="denoiser", encoder="deterministic", latent_route="adagn", bound="",
          no_bound_reason="diffae's encoder is deterministic: there is no posterior q(z | x), "
                          "so no KL term and no variational bound on -log p(x)",
          compare_note="deterministic encoder, z -> U-Net adaptive group norm; simple loss, "

@@ -64,15 +64,17 @@ def _initialize_distributed():
 
 def main(argv):
   try:
-    _main(argv)
-  except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError, KeyError) as e:
-    if not cli.raised_by_sami_jax(e):
+    code = _main(argv)
+  except Exception as e:  # pylint: disable=broad-except
+    if not cli.report_user_error(e):
       raise
-    print(f"Error: {e}", file=sys.stderr)
     sys.exit(2)
+  if code:
+    sys.exit(code)
 
 
-def _main(argv):
+def _main(argv) -> int:
+  """Runs the mode; returns the exit status (0, or train.PREEMPTED_EXIT_CODE)."""
   cli.quiet_library_logs()
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -84,7 +86,7 @@ def _main(argv):
     _initialize_distributed()
   from sami_jax import configlib
   from sami_jax.utils import compile_cache
-  config = _CONFIG.value
+  config = configlib.expand_user_paths(_CONFIG.value)
   import jax
   configlib.validate(config, jax.device_count(), jax.process_count())
   compile_cache.enable()
@@ -93,6 +95,8 @@ def _main(argv):
     from sami_jax import train
     summary = train.train(config, workdir)
     logging.info("Done: %s", json.dumps(summary))
+    if summary.get("preempted"):
+      return train.PREEMPTED_EXIT_CODE
   elif _MODE.value == "sample":
     from sami_jax import inference
     paths = inference.sample(config, workdir)
@@ -105,27 +109,11 @@ def _main(argv):
     from sami_jax import export
     out = export.run(config, workdir)
     logging.info("Wrote %s", out)
+  return 0
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, except that a --config.x=... naming no config field is reported in one
-  line (config_flags raises a bare AttributeError/KeyError for it, which absl would show as a
-  stack trace)."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:  # absl's own wording for bad values, e.g. a non-integer
-    print(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help on flags.",
-          file=sys.stderr)
-    sys.exit(1)
-  except (AttributeError, KeyError) as e:
-    cause = e.args[0] if e.args else e
-    while isinstance(cause, (AttributeError, KeyError)) and cause.args:
-      cause = cause.args[0]  # config_flags wraps the KeyError that holds the message
-    text = " ".join(str(cause).replace("'", "").split())
-    given = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
-    print(f"Error: unknown config field: {text} (in {', '.join(given)}; every field is defined "
-          "in sami_jax/configlib.py).", file=sys.stderr)
-    sys.exit(2)
+  return cli.parse_flags(argv, _CONFIG)
 
 
 def run():

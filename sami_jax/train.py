@@ -49,28 +49,42 @@ def host_params(tree) -> Any:
   return multihost_utils.process_allgather(tree, tiled=True)
 
 
+# Exit status of a run stopped by SIGTERM or Ctrl-C after saving (EX_TEMPFAIL: "try again"); main
+# exits with it so a scheduler or script can tell a preempted run from a finished one (0).
+PREEMPTED_EXIT_CODE = 75
+
+
+class PreemptedError(RuntimeError):
+  """A run that had to continue (e.g. one of sami_jax.compare's) was stopped after saving."""
+
+
 class _Preemption:
-  """Turns SIGTERM into a flag the loop checks, so a preempted run saves before it exits."""
+  """Turns SIGTERM and the first Ctrl-C (SIGINT) into a flag the loop checks, so a stopped run
+  saves a checkpoint at the current step before it exits. A second Ctrl-C interrupts at once."""
 
   def __init__(self):
     self.requested = False
-    self._previous = None
+    self._previous = {}
 
   def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not in the main thread
-      self._previous = None
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not in the main thread
+        pass
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning("SIGTERM received: saving a checkpoint and stopping.")
+    del frame
+    if self.requested and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    logging.warning("%s received: saving a checkpoint at the current step and stopping (press "
+                    "Ctrl-C again to stop without saving).", signal.Signals(signum).name)
     self.requested = True
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous)
 
 
 @dataclasses.dataclass
@@ -101,36 +115,75 @@ def _prepare_data(config) -> None:
     pipeline.prepare(config)
 
 
-def _load_pretrained_denoiser(config, state, shardings):
-  """Puts the denoiser of model.denoiser_checkpoint into the params and EMA params."""
-  path = config.model.denoiser_checkpoint
+def _read_pretrained_denoiser(config) -> Any:
+  """The denoiser params of model.denoiser_checkpoint (numpy), checked against the config before
+  anything is compiled."""
+  path = os.path.expanduser(config.model.denoiser_checkpoint)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(
+        f"config.model.denoiser_checkpoint={config.model.denoiser_checkpoint!r} does not exist; "
+        "point it at the workdir (or checkpoints/ folder) of a trained ddpm run.")
   params = ckpt_lib.restore_params_only(inference.checkpoint_dir(path))
   if "denoiser" not in params:
-    raise ValueError(f"{path} holds no denoiser params; point model.denoiser_checkpoint at the "
-                     "workdir of a ddpm (or sami) run.")
-  expected = jax.tree.map(lambda a: a.shape, state["params"]["denoiser"])
-  got = jax.tree.map(lambda a: a.shape, params["denoiser"])
+    raise ValueError(f"config.model.denoiser_checkpoint={path!r} holds no denoiser params (its "
+                     f"params are {sorted(params)}): point it at the workdir of a ddpm (or sami) "
+                     "run.")
+  expected = jax.tree.map(lambda a: tuple(a.shape),
+                          train_state.abstract_state(config)["params"]["denoiser"])
+  got = jax.tree.map(lambda a: tuple(a.shape), params["denoiser"])
   if expected != got:
-    raise ValueError(f"The denoiser in {path} does not match config.model.denoiser (its shapes "
-                     f"differ); use the same model.denoiser settings as that run.")
+    raise ValueError(f"config.model.denoiser_checkpoint={path!r}: its denoiser does not match "
+                     "config.model.denoiser (different layers or shapes); use the model.denoiser "
+                     "and data.image_size/channels settings of the run that trained it.")
+  return params["denoiser"]
 
+
+def _put_pretrained_denoiser(state, denoiser, shardings):
+  """The state with the pre-trained denoiser in its params and EMA params."""
   def put(where):
     # One device copy per use: the train step donates the state, and XLA refuses to donate one
     # buffer twice (params and EMA params must not share arrays).
-    return jax.tree.map(lambda a, s: jax.device_put(np.asarray(a), s), params["denoiser"],
+    return jax.tree.map(lambda a, s: jax.device_put(np.asarray(a), s), denoiser,
                         shardings[where]["denoiser"])
   state = dict(state)
   state["params"] = dict(state["params"], denoiser=put("params"))
   state["ema_params"] = dict(state["ema_params"], denoiser=put("ema_params"))
-  logging.info("Restored the frozen denoiser from %s.", path)
   return state
 
 
+# Fields that say where data lives or how to evaluate and sample: changing them on a resume
+# changes nothing about the training.
+_RESUME_IGNORED = ("data.data_dir", "data.manual_dir", "data.num_workers", "data.prefetch",
+                   "eval.", "sampling.", "latent_prior.")
+
+
+def _check_resume_config(config, saved: dict) -> None:
+  """Compares the config with the one the checkpoint was trained with: refuses changes that
+  change the state's shapes (naming the fields), warns about every other change."""
+  if not saved:
+    return
+  before = configlib.from_json(saved)
+  old, new = configlib.flat_fields(before), configlib.flat_fields(config)
+  changed = sorted(k for k in new if old.get(k) != new[k] and not k.startswith(_RESUME_IGNORED))
+  if not changed:
+    return
+  described = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in changed)
+  shapes = lambda c: jax.tree.map(lambda a: (tuple(a.shape), str(a.dtype)),
+                                  train_state.abstract_state(c))
+  if shapes(before) != shapes(config):
+    raise ValueError(f"The checkpoint was trained with another model ({described}), which "
+                     "changes the parameters' shapes, so it cannot resume: use the run's config "
+                     "(saved in the checkpoint) or a new workdir.")
+  logging.warning("Resuming with a config that differs from the checkpoint's: %s.", described)
+
+
 def _restore_or_init(config, mesh, checkpointer) -> tuple[Any, int]:
-  """(state, start step): the newest intact checkpoint, or a fresh state."""
+  """(state, start step): the newest intact checkpoint, or a fresh state. Everything that can be
+  checked without compiling is checked first."""
   abstract = train_state.abstract_state(config)
   shardings = train_state.state_shardings(config, mesh)
   if checkpointer.latest_step() is not None:
+    _check_resume_config(config, checkpointer.restore_config())
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
     state, _, data_pos, start_step = checkpointer.restore(target)
@@ -140,14 +193,11 @@ def _restore_or_init(config, mesh, checkpointer) -> tuple[Any, int]:
                       "order changes from here.", data_pos.get("seed"), config.seed)
     return state, start_step
   kind = kinds.of(config)
-  if kind.needs_denoiser_checkpoint and not os.path.isdir(config.model.denoiser_checkpoint):
-    # Checked before the state is compiled, so a typo costs seconds, not a compilation.
-    raise FileNotFoundError(
-        f"config.model.denoiser_checkpoint={config.model.denoiser_checkpoint!r} does not exist; "
-        "point it at the workdir (or checkpoints/ folder) of a trained ddpm run.")
+  denoiser = _read_pretrained_denoiser(config) if kind.needs_denoiser_checkpoint else None
   state = train_state.create_sharded_state(config, mesh)
-  if kind.needs_denoiser_checkpoint:
-    state = _load_pretrained_denoiser(config, state, shardings)
+  if denoiser is not None:
+    state = _put_pretrained_denoiser(state, denoiser, shardings)
+    logging.info("Restored the frozen denoiser from %s.", config.model.denoiser_checkpoint)
   return state, 0
 
 

@@ -80,6 +80,23 @@ def _set(c, path, value):
     ("mesh", "data:3,fsdp:-1", r"needs a multiple of 3 devices"),
     ("mesh", "model:8", r"must name exactly the axes data and fsdp"),
     ("mesh", "data=8", r"not of the form"),
+    # Validated before compiling (they used to fail late, or never):
+    ("optim.lr", float("inf"), r"config\.optim\.lr: must be positive and finite, got inf"),
+    ("optim.lr_decay", "cosien", r"config\.optim\.lr_decay: 'cosien' is not one of"),
+    ("sampling.traverse_range", float("nan"), r"config\.sampling\.traverse_range: must be"),
+    ("sampling.traverse_points", 0, r"config\.sampling\.traverse_points: must be positive"),
+    ("eval.num_examples", 1, r"config\.eval\.num_examples: must be >= 2"),
+    ("eval.num_examples", 0, r"config\.eval\.num_examples: must be >= 2"),
+    ("train.num_sample_images", 0, r"config\.train\.num_sample_images: must be positive"),
+    ("data.prefetch", -1, r"config\.data\.prefetch: must be >= 0"),
+    ("seed", -1, r"config\.seed: must be >= 0"),
+    ("eval.dci_mode", "trees", r"config\.eval\.dci_mode"),
+    ("eval.sections", "elbo,latentz", r"config\.eval\.sections: .*latentz"),
+    ("data.channels", 2, r"config\.data\.channels: 2 is not one of"),
+    ("model.denoiser.dropout", 1.0, r"config\.model\.denoiser\.dropout: must be in \[0, 1\)"),
+    ("model.denoiser.ch_mult", (), r"config\.model\.denoiser\.ch_mult: must be a tuple"),
+    ("objective.beta_end", 0.0, r"config\.objective\.beta_end: must be > 0 for the loglinear"),
+    ("diffusion.linear_beta_start", 0.5, r"linear_beta_start: must be below"),
 ])
 def test_each_validation_failure_has_its_message(path, value, message):
   c = configlib.default_config()
@@ -99,3 +116,14 @@ def test_mesh_parsing():
   assert configlib.parse_mesh("data:-1,fsdp:2", 8) == {"data": 4, "fsdp": 2}
   assert configlib.parse_mesh("data:2,fsdp:4", 8) == {"data": 2, "fsdp": 4}
   assert configlib.parse_mesh("data:-1,fsdp:1", 1) == {"data": 1, "fsdp": 1}
+
+
+def test_every_field_has_a_validation_rule():
+  """A new config field must come with its rule in configlib._RULES (checked before compiling)."""
+  fields = set(configlib.flat_fields(configlib.default_config()))
+  assert fields == set(configlib._RULES)  # pylint: disable=protected-access
+
+
+def test_factor_sets_match_the_disks_dataset():
+  from sami_jax.data import disks  # pylint: disable=g-import-not-at-top
+  assert set(configlib.FACTOR_SETS) == set(disks.FACTOR_SETS)

@@ -75,15 +75,25 @@ def test_every_kind_trains_and_is_evaluated(comparison):
 def test_comparison_table_and_figure(comparison):
   out, wd = comparison["out"], comparison["workdir"]
   header, rows = out["header"], out["rows"]
-  assert [r[0] for r in rows] == ["sami", "sami_frozen", "beta_vae", "diffae"]
-  for name in ("R2 kNN x", "MIG", "DCI D", "SAP", "recon MSE", "latent curvature (deg)",
-               "train wall (s)"):
+  assert [r[0] for r in rows] == ["ddpm", "sami", "sami_frozen", "beta_vae", "diffae"]
+  for name in ("R2 kNN x", "R2 linear theta (polar)", "aligned", "MIG", "MIG (polar)", "DCI D",
+               "DCI D (polar)", "SAP", "bound (bits/dim)", "recon MSE", "bg std recon",
+               "bg std samples", "latent curvature (deg)", "train wall (s)"):
     assert name in header
+  by_kind = {row[0]: dict(zip(header, row)) for row in rows}
   for row in rows:
     assert len(row) == len(header)
-    r2 = row[header.index("R2 kNN x")]
+  for kind in ("sami", "sami_frozen", "beta_vae", "diffae"):
+    r2 = by_kind[kind]["R2 kNN x"]
     assert isinstance(r2, float) and r2 <= 1.0
-  frozen = rows[1][header.index("train wall (s)")]
+    assert by_kind[kind]["aligned"] in ("cartesian", "polar", "undecided")
+  # What a kind does not have is n/a, not a number: ddpm has no latent, diffae no bound.
+  assert by_kind["ddpm"]["R2 kNN x"] is None and by_kind["ddpm"]["MIG"] is None
+  assert by_kind["diffae"]["bound (bits/dim)"] is None
+  for kind in ("ddpm", "sami", "sami_frozen", "beta_vae"):
+    assert by_kind[kind]["bound (bits/dim)"] > 0, kind
+  assert by_kind["ddpm"]["bg std samples"] >= 0 and by_kind["ddpm"]["bg std recon"] is None
+  frozen = by_kind["sami_frozen"]["train wall (s)"]
   assert "ddpm" in frozen  # the frozen run's cost includes its pre-training
   with open(os.path.join(wd, "comparison.md")) as f:
     md = f.read()

@@ -1,4 +1,4 @@
-"""--mode=eval: the ELBO pieces against hand-derived closed forms, and the report of a tiny run."""
+"""--mode=eval: the report of a tiny run, its values checked against independent computations."""
 
 import json
 import math
@@ -21,104 +21,6 @@ from sami_jax.evaluation import elbo
 from sami_jax.evaluation import runner
 from sami_jax.evaluation import sections
 from tests.test_config import load_config
-
-# ------------------------------------------------------------------------------ ELBO pieces
-
-
-def _sigmoid(x):
-  return 1.0 / (1.0 + math.exp(-x))
-
-
-@pytest.mark.parametrize("logsnr_1", [-20.0, -3.0, 0.5])
-def test_prior_term_is_the_gaussian_kl(logsnr_1):
-  # KL(N(a x, s^2) || N(0, 1)) = 1/2 (a^2 x^2 + s^2 - 1 - log s^2) per pixel, a^2 = sigmoid(l),
-  # s^2 = sigmoid(-l). For x = 0 only the variance part remains.
-  shape = (2, 4, 4, 3)
-  a2, s2 = _sigmoid(logsnr_1), _sigmoid(-logsnr_1)
-  d = 4 * 4 * 3
-  zero = elbo.prior_nats(jnp.zeros(shape), logsnr_1)
-  np.testing.assert_allclose(zero, [0.5 * d * (s2 - 1 - math.log(s2))] * 2, rtol=1e-4, atol=1e-12)
-  x = np.full(shape, 0.6, np.float32)
-  x[1] = -1.0
-  got = elbo.prior_nats(jnp.asarray(x), logsnr_1)
-  want = [0.5 * d * (a2 * c ** 2 + s2 - 1 - math.log(s2)) for c in (0.6, -1.0)]
-  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-12)
-
-
-def _bin_mass_nll(values, scale):
-  """-sum log(mass of N(v, scale^2) on v's 8-bit bin), from math.erf: hand-derived reference."""
-  h = 1.0 / 255.0
-  total = 0.0
-  for v in np.ravel(values):
-    central = math.erf(h / (scale * math.sqrt(2.0)))  # P(|N(0, s^2)| < h)
-    if v <= -1.0 + 1e-6 or v >= 1.0 - 1e-6:  # end bins are open on one side
-      mass = 0.5 * (1.0 + central)
-    else:
-      mass = central
-    total -= math.log(mass)
-  return total
-
-
-@pytest.mark.parametrize("logsnr_0", [10.0, 12.0, 7.0])
-def test_reconstruction_term_for_a_perfect_prediction_is_minus_log_bin_mass(logsnr_0):
-  # 8-bit values, including both end bins.
-  k = np.array([[0, 1, 128, 255], [17, 254, 255, 0]])
-  x = (k * 2.0 / 255.0 - 1.0).astype(np.float32).reshape(2, 2, 2, 1)
-  scale = math.exp(-logsnr_0 / 2)
-  got = elbo.discretized_gaussian_nll(jnp.asarray(x), jnp.asarray(x), -logsnr_0 / 2)
-  want = [_bin_mass_nll(x[i], scale) for i in range(2)]
-  np.testing.assert_allclose(got, want, rtol=1e-4)
-  # With eps = 0 the sampled term is the same (x_0 / alpha_0 is x exactly).
-  got0 = elbo.reconstruction_nats(jnp.asarray(x), jnp.zeros_like(x), logsnr_0)
-  np.testing.assert_allclose(got0, want, rtol=1e-4)
-
-
-def test_discretized_likelihood_is_a_distribution_over_the_256_values():
-  values = (np.arange(256) * 2.0 / 255.0 - 1.0).astype(np.float32)
-  x = values.reshape(256, 1, 1, 1)
-  for mean, log_scale in ((0.3, math.log(0.02)), (-0.99, math.log(0.005)), (2.5, math.log(0.5))):
-    nll = elbo.discretized_gaussian_nll(jnp.asarray(x), jnp.full_like(x, mean), log_scale)
-    np.testing.assert_allclose(np.sum(np.exp(-np.asarray(nll, np.float64))), 1.0, rtol=2e-4)
-
-
-class _ZeroDenoiser(nn.Module):
-  """eps_hat = 0: the diffusion term is then w(t) ||eps||^2, with a closed-form expectation."""
-
-  @nn.compact
-  def __call__(self, x, t, train=False):
-    del t, train
-    return jnp.zeros_like(x) * self.param("unused", nn.initializers.zeros, ())
-
-
-def _cosine_logsnr(t, s=0.008):
-  """Hand-written cosine-schedule log-SNR (Nichol & Dhariwal), float64."""
-  ab = math.cos((t + s) / (1 + s) * math.pi / 2) ** 2 / math.cos(s / (1 + s) * math.pi / 2) ** 2
-  return math.log(ab / (1 - ab))
-
-
-@pytest.mark.parametrize("t", [0.05, 0.3, 0.9])
-def test_diffusion_term_of_a_zero_denoiser_is_d_times_the_vdm_weight(t):
-  # eps_hat = 0 gives w(t) ||eps||^2 summed over the D pixels, whose mean over eps is D w(t), with
-  # w(t) = -1/2 dlambda/dt (here by central differences of the hand-written schedule).
-  sched = schedules.Schedule(kind="cosine")
-  fn = jax.jit(elbo.make_elbo_fn(_ZeroDenoiser(), None, sched, with_latent=False))
-  b, shape = 2048, (4, 4, 2)
-  x0 = jnp.zeros((b,) + shape)
-  terms = fn({"denoiser": {"unused": jnp.zeros(())}}, x0, jnp.full((b,), t),
-             jax.random.PRNGKey(0))
-  h = 1e-5
-  w = -0.5 * (_cosine_logsnr(t + h) - _cosine_logsnr(t - h)) / (2 * h)
-  # ||eps||^2 / D over 2048 * 32 normals has a relative std of 0.4%.
-  np.testing.assert_allclose(float(jnp.mean(terms["diffusion"])), 32 * w, rtol=0.02)
-  np.testing.assert_allclose(terms["latent_kl"], 0.0)
-  np.testing.assert_allclose(terms["total"], terms["diffusion"] + terms["prior"]
-                             + terms["reconstruction"], rtol=1e-6)
-  assert np.all(np.asarray(terms["reconstruction"]) >= 0)
-
-
-def test_bits_per_dim():
-  np.testing.assert_allclose(elbo.bits_per_dim(jnp.asarray(64 * math.log(2.0)), 64), 1.0)
-
 
 # ------------------------------------------------------------------------------ the report
 
@@ -161,27 +63,36 @@ EXPECTED = {
     "latents": ["num_examples", "kl_per_dim_nats", "kl_total_nats", "order_by_kl", "active_dims",
                 "posterior_std_per_dim", "aggregate_mean_per_dim", "aggregate_std_per_dim"],
     "disentanglement": ["factors", "linear_r2", "knn_r2", "mig", "mig_per_factor", "sap",
-                        "sap_per_factor", "dci_mode", "dci_disentanglement", "dci_completeness",
-                        "dci_informativeness", "factorvae", "factorvae_train_accuracy",
-                        "factorvae_active_dims", "correlation", "correlation_figure",
-                        "num_train", "num_test"],
-    "elbo": ["diffusion_bpd", "prior_bpd", "reconstruction_bpd", "latent_kl_bpd", "total_bpd",
-             "diffusion_no_guidance_bpd", "total_no_guidance_bpd", "total_bpd_stderr",
-             "total_nats_per_example", "num_examples", "t_samples", "num_dims", "gamma",
-             "logsnr_0", "logsnr_1", "weighting"],
-    "guidance_ablation": ["num_examples", "bucket_edges", "bucket_centers", "mse_gamma0",
-                          "mse_gamma1", "ratio_gamma1_to_gamma0", "mean_mse_gamma0",
-                          "mean_mse_gamma1", "latent", "figure"],
+                        "sap_per_factor", "dci_mode", "dci_settings", "dci_disentanglement",
+                        "dci_completeness", "dci_informativeness", "factorvae",
+                        "factorvae_train_accuracy", "factorvae_active_dims", "correlation",
+                        "correlation_figure", "num_train", "num_test", "sets", "aligned",
+                        "alignment", "headline_set"],
+    "elbo": ["bits_per_dim", "bits_per_dim_stderr", "nats", "nats_stderr", "num_images", "draws",
+             "num_dims", "logsnr_range", "total_bpd", "total_bpd_stderr", "estimator",
+             "total_no_guidance_bpd", "guided_minus_denoiser_alone_bpd",
+             "guided_minus_denoiser_alone_bpd_stderr"],
+    "denoising": ["num_examples", "bucket_edges", "bucket_centers", "mse", "mean_mse",
+                  "mse_denoiser_alone", "mean_mse_denoiser_alone", "ratio_guided_to_alone",
+                  "prediction", "figure"],
     "reconstruction": ["num_images", "mse", "psnr_db", "sampler", "steps", "eta",
                        "guidance_scale", "use_mean", "figure"],
+    "speckle": ["num_images", "margin_px", "data_std", "reconstructions_std", "samples_std",
+                "reconstructions_clipped_fraction", "samples_clipped_fraction"],
     "straightness": ["latent_curvature", "latent_curvature_std", "pixel_curvature",
                      "pixel_curvature_std", "latent_cosine", "pixel_cosine",
                      "curvature_reduction", "num_sequences", "num_frames", "dataset"],
     "grids": ["prior_samples", "traversals", "traversal_dims", "traversal_values",
               "interpolations"],
 }
-FIGURES = ["correlation.png", "guidance_ablation.png", "reconstructions.png",
+FIGURES = ["correlation.png", "denoising.png", "reconstructions.png",
            "prior_samples.png", "traversals.png", "interpolations.png"]
+
+
+def _cosine_logsnr(t, s=0.008):
+  """Hand-written cosine-schedule log-SNR (Nichol & Dhariwal), float64."""
+  ab = math.cos((t + s) / (1 + s) * math.pi / 2) ** 2 / math.cos(s / (1 + s) * math.pi / 2) ** 2
+  return math.log(ab / (1 - ab))
 
 
 def test_report_has_every_promised_field_and_figure(run):
@@ -219,21 +130,26 @@ def test_report_values_are_consistent(run):
   kl = s["latents"]["kl_per_dim_nats"]
   assert [kl[i] for i in s["latents"]["order_by_kl"]] == sorted(kl, reverse=True)
   e = s["elbo"]
-  assert e["num_examples"] == 16 and e["num_dims"] == 64
-  assert e["diffusion_bpd"] > 0 and e["prior_bpd"] >= 0 and e["reconstruction_bpd"] >= 0
-  assert s["guidance_ablation"]["num_examples"] == 24
+  assert e["num_images"] == 16 and e["num_dims"] == 64 and e["draws"] == 2
+  assert set(e["bits_per_dim"]) == {"diffusion", "prior", "reconstruction", "latent_kl", "total"}
+  assert e["bits_per_dim"]["diffusion"] > 0 and e["bits_per_dim"]["prior"] >= 0
+  assert e["bits_per_dim"]["reconstruction"] >= 0
+  assert s["denoising"]["num_examples"] == 24
+  assert s["speckle"]["num_images"] == 6 and s["speckle"]["data_std"] < 1e-9
+  assert s["disentanglement"]["sets"]["polar"]["factors"] == ["r", "theta", "background"]
+  assert s["disentanglement"]["aligned"] in ("cartesian", "polar", "undecided")
   assert s["straightness"]["num_sequences"] == 3 and s["straightness"]["num_frames"] == 16
   assert 0 <= s["straightness"]["pixel_curvature"] <= 180
   assert s["reconstruction"]["num_images"] == 6
 
 
-def test_guidance_ablation_matches_an_independent_computation(run):
+def test_denoising_matches_an_independent_computation(run):
   """Same (t, eps) per bucket; MSEs recomputed here from the models directly."""
-  config, rep = run["config"], run["report"]["sections"]["guidance_ablation"]
+  config, rep = run["config"], run["report"]["sections"]["denoising"]
   run_config, params, _ = inference.restore(run["workdir"], given=config)
   comp = inference.components(run_config)
   den, enc, sched = comp.image_model, comp.encoder, comp.schedule
-  key = rngs.section_key(run_config.seed, "guidance_ablation")
+  key = rngs.section_key(run_config.seed, "denoising")
   buckets, bs, n = 4, 16, 24
 
   def enc_apply(x):
@@ -264,9 +180,37 @@ def test_guidance_ablation_matches_an_independent_computation(run):
       m0, m1 = per_example_mse(x0, t, eps)
       sums0[kb] += np.sum(np.asarray(m0)[mask])
       sums1[kb] += np.sum(np.asarray(m1)[mask])
-  np.testing.assert_allclose(rep["mse_gamma0"], sums0 / n, rtol=1e-4)
-  np.testing.assert_allclose(rep["mse_gamma1"], sums1 / n, rtol=1e-4)
-  np.testing.assert_allclose(rep["mean_mse_gamma0"], np.mean(sums0 / n), rtol=1e-4)
+  np.testing.assert_allclose(rep["mse_denoiser_alone"], sums0 / n, rtol=1e-4)
+  np.testing.assert_allclose(rep["mse"], sums1 / n, rtol=1e-4)
+  np.testing.assert_allclose(rep["mean_mse_denoiser_alone"], np.mean(sums0 / n), rtol=1e-4)
+
+
+def test_bound_section_is_the_estimator_on_an_independent_eps_hat(run):
+  """The report's bound = elbo.estimate on this test's own SAMI noise prediction (z ~ q(z | x0),
+  guidance by jax.grad of a hand-written log q, the latent KL in closed form), same key."""
+  config, rep = run["config"], run["report"]["sections"]["elbo"]
+  run_config, params, _ = inference.restore(run["workdir"], given=config)
+  comp = inference.components(run_config)
+  den, enc, sched = comp.image_model, comp.encoder, comp.schedule
+
+  def eps_hat_fn(p, x_t, t, x0, rng):
+    mean0, std0 = enc.apply({"params": p["encoder"]}, x0, None)
+    z = mean0 + std0 * jax.random.normal(rng, mean0.shape)
+
+    def log_q(x):
+      mean, std = enc.apply({"params": p["encoder"]}, x, None)
+      return jnp.sum(-0.5 * ((z - mean) / std) ** 2 - jnp.log(std))
+    sigma = jnp.sqrt(jax.nn.sigmoid(-sched.logsnr(t)))[:, None, None, None]
+    eps = den.apply({"params": p["denoiser"]}, x_t, t, train=False) - sigma * jax.grad(log_q)(x_t)
+    kl = 0.5 * jnp.sum(mean0 ** 2 + std0 ** 2 - 1 - jnp.log(std0 ** 2), axis=-1)
+    return eps, {"latent_kl": kl}
+
+  batches = ((b["image"], b["mask"]) for b in
+             pipeline.eval_iterator(run_config, "test", 16, num_examples=16))
+  est = elbo.estimate(elbo.make_bound_fn(sched, eps_hat_fn), params, batches, draws=2,
+                      key=rngs.section_key(run_config.seed, "elbo"))
+  for term, value in est.bits_per_dim.items():
+    np.testing.assert_allclose(rep["bits_per_dim"][term], value, rtol=1e-4, err_msg=term)
 
 
 def test_reconstruction_mse_and_psnr(run):

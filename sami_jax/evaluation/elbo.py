@@ -250,8 +250,42 @@ class BoundEstimate:
     """A JSON-ready dict of everything but per_image_nats."""
     d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
     del d["per_image_nats"]
-    d["logsnr_range"] = list(self.logsnr_range)
+    d["logsnr_range"] = None if self.logsnr_range is None else list(self.logsnr_range)
     return d
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderBoundFn:
+  """The bound of a VAE with a one-shot decoder (beta_vae), one z draw per call:
+
+      -log p(x) <= E_{z ~ q(z|x)} [ -log p(x | z) ] + KL(q(z | x) || N(0, I)),
+
+  with p(x | z) the discretised Gaussian N(decoder(z), obs_std^2) on each pixel's 8-bit bin
+  (`discretized_gaussian_nll`), the likelihood the model is trained with, made a probability mass
+  on the 256 values. Same call signature as BoundFn (u is unused: there is no noise level), so
+  `estimate` averages its terms over `draws` samples of z per image.
+
+  Attributes:
+    posterior_fn: (params, x0 [B,H,W,C]) -> (mean, std) [B, d], the encoder's q(z | x0).
+    decoder_fn: (params, z [B, d]) -> [B, H, W, C] the decoder's mean image (unclipped).
+    obs_std: the likelihood's standard deviation (model.decoder.obs_std), [-1, 1] units.
+  Returns of a call: {"reconstruction", "latent_kl", "total"}, each [B] nats.
+  """
+  posterior_fn: Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]]
+  decoder_fn: Callable[[Any, jax.Array], jax.Array]
+  obs_std: float
+
+  logsnr_range = None  # no diffusion: nothing is integrated over a log-SNR range
+
+  def __call__(self, params, x0: jax.Array, u: jax.Array, rng: jax.Array
+               ) -> dict[str, jax.Array]:
+    del u
+    chex.assert_rank(x0, 4)
+    mean, std = self.posterior_fn(params, x0)
+    z = mean + std * jax.random.normal(rng, mean.shape, mean.dtype)
+    rec = discretized_gaussian_nll(x0, self.decoder_fn(params, z), math.log(self.obs_std))
+    kl = objective.kl_to_standard_normal(mean, std)
+    return {"reconstruction": rec, "latent_kl": kl, "total": rec + kl}
 
 
 def _draw_average_fn(bound_fn: BoundFn, draws: int):
@@ -357,74 +391,3 @@ def paired_difference(a: BoundEstimate, b: BoundEstimate, term: str = "total"
   d = (a.per_image_nats[term] - b.per_image_nats[term]) / (a.num_dims * math.log(2.0))
   n = len(d)
   return float(d.mean()), (float(d.std(ddof=1) / math.sqrt(n)) if n > 1 else None)
-
-
-# ------------------------------------------------------------------ superseded (to be removed)
-
-
-def make_elbo_fn(denoiser, encoder, schedule: schedules.Schedule, *, with_latent: bool,
-                 gamma: float = 1.0, time_conditioning: bool = False
-                 ) -> Callable[[Any, jax.Array, jax.Array, jax.Array], dict[str, jax.Array]]:
-  """Superseded by make_bound_fn + estimate; kept only until evaluation/report.py moves to them.
-
-  It samples t ~ U(0, 1) with t clamped at >= 1e-5 and weights by -1/2 dlambda/dt: the clamp leaves
-  the log-SNR range (lambda(1e-5), lambda_0] out of every term, so its total is NOT a bound (about
-  0.2 bits/dim low on 8-bit data), and its Monte Carlo noise is large.
-
-  The ELBO terms for one Monte Carlo sample of (t, eps, z, eps_0), as a pure function.
-
-  Returns `terms(params, x0, u, rng)`:
-    params: {"denoiser": ..., "encoder": ...}; x0: [B, H, W, C] in [-1, 1];
-    u: [B] in [0, 1), the time sample (t = max(u, 1e-5); callers stratify u over repeated calls);
-    rng: key for eps (diffusion), z ~ q(z | x0) and eps_0 (reconstruction).
-  and gives a dict of [B] nats:
-    diffusion         w(t) ||eps - eps_hat(x_t, t, z)||^2 with eps_hat guided at `gamma`
-                      (= diffusion_no_guidance for with_latent=False);
-    diffusion_no_guidance  the same with gamma = 0 and the same t, eps (the denoiser alone);
-    prior, reconstruction, latent_kl (0 when with_latent is False);
-    total             diffusion + prior + reconstruction + latent_kl;
-    total_no_guidance diffusion_no_guidance + prior + reconstruction (the unconditional bound).
-  The expectation over u ~ U(0, 1) of `diffusion` is L_diffusion; averaging the returned dicts
-  over calls and examples estimates every term of the bound.
-  """
-  logsnr_0 = schedule.logsnr(jnp.zeros(()))
-  logsnr_1 = schedule.logsnr(jnp.ones(()))
-
-  def terms(params, x0: jax.Array, u: jax.Array, rng: jax.Array) -> dict[str, jax.Array]:
-    chex.assert_rank(x0, 4)
-    b = x0.shape[0]
-    rng_eps, rng_z, rng_rec = jax.random.split(rng, 3)
-    # Continuous time, even for a run trained on a grid (num_timesteps > 0): the bound integrates
-    # over all of [0, 1].
-    t = jnp.maximum(u, 1e-5)
-    alpha, sigma = schedule.alpha_sigma(t)
-    eps = jax.random.normal(rng_eps, x0.shape, x0.dtype)
-    x_t = alpha[:, None, None, None] * x0 + sigma[:, None, None, None] * eps
-    w = schedule.elbo_weight(t)
-    eps_theta = denoiser.apply({"params": params["denoiser"]}, x_t, t, train=False)
-    no_guidance = diffusion_nats(eps, eps_theta, w)
-    if with_latent:
-      def encode_fn(x, tt):
-        return encoder.apply({"params": params["encoder"]}, x, tt if time_conditioning else None)
-      t_clean = jnp.zeros_like(t) if time_conditioning else None
-      mean0, std0 = encode_fn(x0, t_clean)
-      z = mean0 + std0 * jax.random.normal(rng_z, mean0.shape, mean0.dtype)
-      eps_hat, _ = objective.guided_eps(eps_theta, encode_fn, x_t, t, z, sigma, gamma)
-      diffusion = diffusion_nats(eps, eps_hat, w)
-      latent_kl = objective.kl_to_standard_normal(mean0, std0)
-    else:
-      diffusion = no_guidance
-      latent_kl = jnp.zeros((b,), jnp.float32)
-    prior = prior_nats(x0, logsnr_1)
-    recon = reconstruction_nats(x0, jax.random.normal(rng_rec, x0.shape, x0.dtype), logsnr_0)
-    return {
-        "diffusion": diffusion,
-        "diffusion_no_guidance": no_guidance,
-        "prior": prior,
-        "reconstruction": recon,
-        "latent_kl": latent_kl,
-        "total": diffusion + prior + recon + latent_kl,
-        "total_no_guidance": no_guidance + prior + recon,
-    }
-
-  return terms

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import sys
 
 
 def raised_by_sami_jax(error: BaseException) -> bool:
@@ -13,6 +15,118 @@ def raised_by_sami_jax(error: BaseException) -> bool:
     last, tb = tb, tb.tb_next
   marker = f"{os.sep}sami_jax{os.sep}"
   return last is not None and marker in last.tb_frame.f_code.co_filename
+
+
+_OS_FIXES = {
+    errno.ENOSPC: "free disk space there (or use another directory) and rerun; finished "
+                  "checkpoints are kept",
+    errno.EDQUOT: "free space within your quota (or use another directory) and rerun",
+    errno.EACCES: "use a directory you can write to (or fix its permissions)",
+    errno.EPERM: "use a directory you can write to (or fix its permissions)",
+    errno.EROFS: "the file system is read-only: use a writable directory",
+    errno.ENAMETOOLONG: "use a shorter path",
+    errno.ENOTDIR: "a part of the path is a file, not a directory: use another path",
+    errno.EEXIST: "a file of that name is in the way: use another path or move the file",
+    errno.EISDIR: "that path is a directory; give a file",
+    errno.ELOOP: "the path has a symbolic link loop: fix or remove the link",
+    errno.ENOENT: "check the path",
+}
+
+
+def os_error_line(error: OSError) -> str:
+  """One line for a user: what failed, on which path, and the fix."""
+  what = error.strerror or str(error) or type(error).__name__
+  where = f": {error.filename}" if error.filename else ""
+  if getattr(error, "filename2", None):
+    where += f" -> {error.filename2}"
+  fix = _OS_FIXES.get(error.errno, "check the path and its permissions")
+  return f"Error: {what}{where} ({fix})."
+
+
+def report_user_error(error: BaseException) -> bool:
+  """Prints the one-line message of a user error to stderr; False when it is not one (a bug, to
+  be shown with its stack trace). OSErrors are always the user's environment (a full disk, a
+  read-only or missing directory); the other types are user errors when sami_jax raised them."""
+  if isinstance(error, OSError) and not isinstance(error, FileNotFoundError) or (
+      isinstance(error, FileNotFoundError) and not raised_by_sami_jax(error)):
+    print(os_error_line(error), file=sys.stderr)
+    return True
+  if isinstance(error, (ValueError, FileNotFoundError, RuntimeError, FloatingPointError,
+                        KeyError)) and raised_by_sami_jax(error):
+    text = error.args[0] if isinstance(error, KeyError) and error.args else error
+    print(f"Error: {text}", file=sys.stderr)
+    return True
+  return False
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+  out, seen = [], set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    out.append(error)
+    error = error.__cause__ or error.__context__
+  return out
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip().splitlines()
+  return " ".join(text[-1].split()) if text else type(error).__name__
+
+
+def flag_error_line(error: BaseException, argv: list[str]) -> tuple[str, int] | None:
+  """The one-line message and exit status for an error raised while parsing the command line
+  (including loading the --config file), or None if it is not a user error.
+
+  - The config file cannot be loaded (missing, a directory, a syntax error, a failed import, no
+    get_config, an unknown variant): "Error: could not load --config=...: <cause>".
+  - A --config.x=... override names no field: "Error: unknown config field ...".
+  - absl's own flag errors keep its wording (exit 1).
+  """
+  config = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), "")
+  chain = _chain(error)
+  inner = chain[-1]
+  loading = any(isinstance(e, (SyntaxError, ImportError, OSError)) for e in chain) or any(
+      "get_config" in str(e) or "Error whilst parsing config file" in str(e)
+      or "earlier failure to load" in str(e) for e in chain)
+  if loading:
+    cause = f"{type(inner).__name__}: {_first_line(inner).rstrip('.')}"
+    if isinstance(inner, SyntaxError) and inner.lineno:
+      cause = f"SyntaxError: {inner.msg} ({inner.filename}, line {inner.lineno})"
+    if isinstance(inner, AttributeError) and "get_config" in str(inner):
+      cause = "the file defines no get_config(arg) function"
+    return (f"Error: could not load --config={config}: {cause}. A config file is a Python file "
+            "with get_config(arg=None) returning a config (see configs/disks.py); "
+            "--config=FILE:VARIANT passes VARIANT as arg.", 2)
+  if isinstance(error, (AttributeError, KeyError)):
+    cause = error.args[0] if error.args else error
+    while isinstance(cause, (AttributeError, KeyError)) and cause.args:
+      cause = cause.args[0]  # config_flags wraps the KeyError that holds the message
+    text = " ".join(str(cause).replace("'", "").split())
+    given = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+    return (f"Error: unknown config field: {text} (in {', '.join(given)}; every field is defined "
+            "in sami_jax/configlib.py).", 2)
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if isinstance(error, flags.Error):
+    return (f"FATAL Flags parsing error: {_first_line(error)}\nPass --helpshort or --helpfull "
+            "to see help on flags.", 1)
+  return None
+
+
+def parse_flags(argv: list[str], config_flag) -> list[str]:
+  """absl's flag parsing, with the --config file loaded at once, and every user mistake in it
+  reported in one line (see flag_error_line) instead of a stack trace."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  try:
+    rest = flags.FLAGS(argv)
+    if config_flag.value is not None:
+      config_flag.value.lock()  # loads the file now, so that its errors are reported here
+    return rest
+  except Exception as e:  # pylint: disable=broad-except
+    found = flag_error_line(e, argv)
+    if found is None:
+      raise
+    print(found[0], file=sys.stderr)
+    sys.exit(found[1])
 
 
 class _QuietLibraries:
