@@ -569,9 +569,9 @@ class Checkpointer:
         cleanup_tmp_directories=False,
         create=True,
     )
+    self._options = options
     try:
-      self._manager = ocp.CheckpointManager(self._directory, options=options,
-                                            item_names=_ITEM_NAMES)
+      self._manager = self._new_manager()
     except OSError as e:
       raise CheckpointSaveError(
           f"Cannot create the checkpoint directory {self._directory}: {e.strerror or e}. "
@@ -583,6 +583,9 @@ class Checkpointer:
     self._pending: int | None = None
     # Steps restored without a record to verify against (warned about once each).
     self._unverified_warned: set[int] = set()
+
+  def _new_manager(self) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(self._directory, options=self._options, item_names=_ITEM_NAMES)
 
   @property
   def directory(self) -> str:
@@ -702,8 +705,17 @@ class Checkpointer:
       if partial:
         removed = (" Its partial files were removed." if not glob.glob(pattern)
                    else f" Its partial files could not all be removed ({pattern}).")
+    # Orbax keeps parts of a failed save's errors (e.g. its metadata writes) and raises them again
+    # from later calls, even restores of intact steps: start over with a fresh manager.
     try:
-      self._manager.reload()
+      self._manager.close()
+    except Exception:  # pylint: disable=broad-except
+      pass
+    try:
+      self._manager = self._new_manager()
+    except Exception:  # pylint: disable=broad-except
+      pass  # the directory itself became unusable; the message below says what to do
+    try:
       kept = self.all_steps()
     except Exception:  # pylint: disable=broad-except
       kept = None
