@@ -354,9 +354,10 @@ def test_old_checkpoints_restore_with_one_warning_and_nan_ones_are_skipped(tmp_p
   assert step == 1 and config == {"s": 1}
   _assert_state_equal(state, _host_state(1))
   text = _warnings(caplog)
-  for s in (1, 2):
+  # One line for the step restored; none for the NaN one, which is reported as damaged instead.
+  for s, times in ((1, 1), (2, 0)):
     assert text.count(f"Checkpoint for step {s} in {tmp_path} cannot be verified: it has no "
-                      "checksums (it was written by an older version)") == 1, text
+                      "checksums (it was written by an older version)") == times, text
   assert ("Checkpoint for step 2 in " f"{tmp_path} is damaged or unreadable (NaN/Inf in 1 of 4 "
           "arrays (params/w)); trying step 1 next.") in text, text
   assert ("skipped damaged checkpoint(s) [2]. Intact: step 1 (not verifiable: no checksums)."
@@ -476,7 +477,8 @@ def _fake_orbax_code(tmp_path):
   """A function whose code lives in a file under an `orbax` directory (as Orbax's does)."""
   namespace = {}
   source = "def fail():\n  raise ValueError('RESOURCE_EXHAUSTED: Error writing x')\n"
-  exec(compile(source, str(tmp_path / "orbax" / "serialization.py"), "exec"), namespace)  # pylint: disable=exec-used
+  code = compile(source, str(tmp_path / "orbax" / "serialization.py"), "exec")
+  exec(code, namespace)  # pylint: disable=exec-used
   return namespace["fail"]
 
 
