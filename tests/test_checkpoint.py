@@ -175,7 +175,15 @@ def _truncate_json(step_dir) -> None:
     fh.truncate(3)
 
 
-@pytest.mark.parametrize("damage", [_truncate_array_files, _delete_state, _truncate_json])
+def _truncate_integrity_record(step_dir) -> None:
+  path = os.path.join(step_dir, "integrity", "metadata")
+  assert os.path.isfile(path)
+  with open(path, "r+b") as fh:
+    fh.truncate(5)
+
+
+@pytest.mark.parametrize("damage", [_truncate_array_files, _delete_state, _truncate_json,
+                                    _truncate_integrity_record])
 def test_damaged_newest_falls_back_with_warning(collect_abandoned_reads, tmp_path, caplog, damage):
   _save_steps(tmp_path, [1, 2, 3], keep_last=5)
   damage(str(tmp_path / "3"))
