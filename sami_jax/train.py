@@ -98,7 +98,6 @@ class _Run:
   state: Any
   start_step: int
   is_main: bool
-  last_saved: int | None = None
   grid_images: np.ndarray | None = None
 
 
@@ -204,7 +203,15 @@ def _restore_or_init(config, mesh, checkpointer) -> tuple[Any, int]:
 # ------------------------------------------------------------------------------ the loop
 
 
-def _check_finite(history: list[tuple[int, dict]], last_saved: int | None) -> None:
+def _checkpoints_line(checkpointer: ckpt_lib.Checkpointer) -> str:
+  steps = checkpointer.all_steps()
+  if not steps:
+    return "no checkpoint has been written yet"
+  return (f"the checkpoints in {checkpointer.directory} are steps {steps} (each checked finite "
+          "when it was written)")
+
+
+def _check_finite(history: list[tuple[int, dict]], checkpointer: ckpt_lib.Checkpointer) -> None:
   for step, m in history:
     if bool(m["finite"]):
       continue
@@ -212,19 +219,19 @@ def _check_finite(history: list[tuple[int, dict]], last_saved: int | None) -> No
            and not np.isfinite(v)]
     if not bool(m["state_finite"]):
       bad.append("the updated params/EMA/optimizer state")
-    saved = (f"the newest checkpoint (step {last_saved}) holds the state before it"
-             if last_saved is not None else "no checkpoint was written in this run")
+    checkpointer.wait()  # a save in flight: let it commit, so the listing below is right
     raise NonFiniteError(
         f"Non-finite values at step {step}: {', '.join(bad) or 'loss/grad_norm'} (loss="
         f"{m['loss']}, grad_norm={m['grad_norm']}). That update was not applied and nothing "
-        f"non-finite was saved; {saved}. Lower optim.lr, raise model.encoder.min_std or set "
-        "optim.grad_clip, then rerun to resume from the newest checkpoint.")
+        f"non-finite was saved; {_checkpoints_line(checkpointer)}. Lower optim.lr, raise "
+        "model.encoder.min_std or set optim.grad_clip, then rerun to resume from the newest "
+        "checkpoint.")
 
 
 def _log(run: _Run, step: int, history, progress) -> None:
   """Fetches the metrics of the steps since the last log, checks them, writes their mean."""
   fetched = [(s, jax.device_get(m)) for s, m in history]
-  _check_finite(fetched, run.last_saved)
+  _check_finite(fetched, run.checkpointer)
   mean = {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[0][1]
           if k not in ("finite", "state_finite")}
   mean["steps_per_sec"] = progress.rate(step)
@@ -234,9 +241,13 @@ def _log(run: _Run, step: int, history, progress) -> None:
 
 
 def _save(run: _Run, step: int, force: bool = False) -> None:
-  run.checkpointer.save(step, run.state, config=configlib.to_dict(run.config),
-                        data_position={"step": step, "seed": run.config.seed}, force=force)
-  run.last_saved = step
+  try:
+    run.checkpointer.save(step, run.state, config=configlib.to_dict(run.config),
+                          data_position={"step": step, "seed": run.config.seed}, force=force)
+  except ckpt_lib.NonFiniteStateError as e:  # the last line of defence behind the step's guard
+    raise NonFiniteError(f"{e} Lower optim.lr, raise model.encoder.min_std or set "
+                         "optim.grad_clip, then rerun to resume from the newest checkpoint."
+                         ) from None
 
 
 def _grids(run: _Run, step: int, images: np.ndarray) -> None:
@@ -318,19 +329,25 @@ def _train_locked(config, workdir: str, is_main: bool) -> dict[str, Any]:
   try:
     state, start_step = _restore_or_init(config, mesh, checkpointer)
     writer = writers_lib.MetricWriter(workdir, enabled=is_main)
-    run = _Run(config, workdir, mesh, checkpointer, writer, state, start_step, is_main,
-               last_saved=start_step if start_step else None)
+    run = _Run(config, workdir, mesh, checkpointer, writer, state, start_step, is_main)
     step, preempted = _loop(run)
   except BaseException:
     # A save started before the failure (the last good step) runs in a background thread that
     # dies with the interpreter: let it commit, so that the checkpoint the error message points
-    # to really is on disk.
-    checkpointer.close()
+    # to really is on disk. Its own failure must not hide the error that stopped the run.
+    try:
+      checkpointer.close()
+    except ckpt_lib.CheckpointSaveError as err:
+      logging.error("%s", err)
     if writer is not None:
       writer.close()
     raise
-  _save(run, step, force=True)
-  checkpointer.wait()
+  try:
+    _save(run, step, force=True)
+    checkpointer.wait()
+  except BaseException:
+    writer.close()
+    raise
   try:
     if preempted:
       logging.warning("Preempted at step %d; checkpoint saved. Rerun the same command to "

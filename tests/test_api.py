@@ -52,7 +52,8 @@ def _write_folder(folder):
 
 @pytest.fixture(scope="module")
 def folder_script(tmp_path_factory):
-  """Starts examples/train_on_folder.py (2 steps of configs/folder.py:test) in the background."""
+  """The README's own-images walk-through, started in the background: 2 steps of
+  configs/folder.py:test from the command line, then examples/own_images.py on the run."""
   base = tmp_path_factory.mktemp("folder")
   folder = str(base / "images")
   os.makedirs(folder)
@@ -61,10 +62,14 @@ def folder_script(tmp_path_factory):
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=1")
   log = open(base / "script.log", "w+")
-  proc = subprocess.Popen(
-      [sys.executable, os.path.join(ROOT, "examples", "train_on_folder.py"), f"--folder={folder}",
-       f"--workdir={workdir}", "--steps=2", "--variant=test", f"--data_dir={data_dir}"],
-      cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+  script = (
+      f"{sys.executable} -m sami_jax.main --config=configs/folder.py:test --workdir={workdir} "
+      f"--config.data.folder={folder} --config.data.data_dir={data_dir} "
+      "--config.train.num_steps=2 --config.train.ckpt_every=2 && "
+      f"{sys.executable} examples/own_images.py --workdir={workdir} --folder={folder} "
+      "--num_images=4")
+  proc = subprocess.Popen(["bash", "-c", script], cwd=ROOT, env=env, stdout=log,
+                          stderr=subprocess.STDOUT, text=True)
   info = {"proc": proc, "log": log, "folder": folder, "names": names, "workdir": workdir,
           "data_dir": data_dir}
   yield info
@@ -288,6 +293,39 @@ def test_wrong_images_raise_value_errors_naming_the_shapes(model, shape, dtype, 
     model.encode(np.zeros(shape, dtype))
 
 
+def test_bad_latents_guidance_seed_and_channel_order_are_named(model, test_split):
+  u8 = test_split["image"][:2]
+  with pytest.raises(ValueError, match="z contains NaN"):
+    model.decode(np.full((1, 3), np.nan, np.float32))
+  with pytest.raises(ValueError, match="guidance_scale must be a finite number"):
+    model.reconstruct(u8, guidance_scale=float("nan"))
+  with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*32\), got seed=-3"):
+    model.generate(2, seed=-3)
+  with pytest.raises(ValueError, match=r"channels first \(NCHW\).*transpose\(0, 2, 3, 1\)"):
+    model.encode(np.zeros((2, 1, 8, 8), np.uint8))
+
+
+def test_sampling_defaults_come_from_the_run_config(model, test_split):
+  u8 = test_split["image"][:2]
+  steps = model.config.sampling.steps
+  default = model.reconstruct(u8, seed=4)
+  np.testing.assert_array_equal(default, model.reconstruct(u8, steps=steps, seed=4))
+  assert not np.allclose(default, model.reconstruct(u8, steps=steps + 1, seed=4), atol=1e-4)
+
+
+def test_a_deterministic_encoder_has_no_posterior_std(model, test_split):
+  from sami_jax import models as models_lib  # pylint: disable=g-import-not-at-top
+  config = configlib.copy(model.config)
+  config.model.kind = "diffae"
+  params = models_lib.init_params(config, jax.random.PRNGKey(0))
+  diffae = api.Model(config, params, 0, batch_size=4)
+  assert not diffae.has_posterior and model.has_posterior
+  mean, std = diffae.encode(test_split["image"][:2])
+  assert mean.shape == (2, 3) and std is None
+  with pytest.raises(ValueError, match="deterministic"):
+    diffae.reconstruct(test_split["image"][:2], use_mean=False)
+
+
 def test_float_images_outside_minus_one_one_are_rejected(model):
   with pytest.raises(ValueError, match=r"\[-1, 1\].*\[0, 255\]"):
     model.encode(np.full((8, 8, 1), 200.0, np.float32))
@@ -363,7 +401,7 @@ def test_export_rejects_an_unknown_format_and_split(run):
 
 def test_folder_config_trains_and_lists_the_corrupt_file(folder_script):
   out = _finished(folder_script)
-  assert "broken.png" in out
+  assert "broken.png" in out and "Downloading" not in out
   m = sami_jax.load(folder_script["workdir"])
   assert m.step == 2
   assert m.config.data.name == "folder" and m.image_shape == (8, 8, 3)
@@ -388,10 +426,16 @@ def test_folder_config_trains_and_lists_the_corrupt_file(folder_script):
     assert f["mean"].shape == (len(files["train"]), 3)
 
 
-def test_example_script_writes_a_traversal_figure(folder_script):
+def test_example_script_runs_the_api_walk_through(folder_script):
   out = _finished(folder_script)
+  wd = folder_script["workdir"]
   path = out.strip().splitlines()[-1]
-  assert path == os.path.join(folder_script["workdir"], "traversals.png")
-  with Image.open(path) as im:
-    # 3 latent dims x (input + 3 traversal points) tiles of 8x8 with 1-pixel padding.
-    assert im.mode == "RGB" and im.size == (4 * 8 + 5, 3 * 8 + 4)
+  assert path == os.path.join(wd, "export", "test_2.npz")
+  assert "Model(kind='sami', step=2, image_shape=(8, 8, 3), latent_dim=3" in out
+  assert "encoded 4 images [4, 8, 8, 3] -> latent means [4, 3]" in out
+  assert "exported 1 test latents" in out or "exported 2 test latents" in out
+  with Image.open(os.path.join(wd, "example_reconstructions.png")) as im:
+    # 2 rows (originals, reconstructions) x 4 images of 8 px, each cell enlarged to >= 64 px.
+    assert im.size[0] >= 4 * 64 and im.size[1] >= 2 * 64
+  with Image.open(os.path.join(wd, "example_traversal.png")) as im:
+    assert im.size[0] >= 3 * 64  # configs/folder.py:test traverses 3 points

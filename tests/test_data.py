@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import math
 import os
+import zlib
 import subprocess
 import sys
 import time
@@ -427,3 +428,21 @@ def test_folder_errors(tmp_path):
   with pytest.raises(ValueError, match="No readable image") as e:
     pipeline.prepare(c)
   assert "x.jpg" in str(e.value) and "y.png" in str(e.value)
+
+
+def test_grid_images_are_spread_over_the_split_whatever_the_file_order():
+  # 10 classes of 30 files, sorted by path as a folder dataset stores them: the first 8 records
+  # are all class 0; the grid's 8 come from several classes, and the same 8 files are picked
+  # from any ordering of the files.
+  keys = [f"class{c}/img{i:03d}.png" for c in range(10) for i in range(30)]
+  picked = [keys[i] for i in pipeline.pick_spread(keys, 8, "0:test")]
+  assert len(set(picked)) == 8
+  assert len({k.split("/")[0] for k in picked}) >= 4
+  shuffled = list(np.random.default_rng(1).permutation(keys))
+  assert [shuffled[i] for i in pipeline.pick_spread(shuffled, 8, "0:test")] == picked
+  # Another seed picks other images; a split smaller than n gives all of it.
+  assert [keys[i] for i in pipeline.pick_spread(keys, 8, "1:test")] != picked
+  assert sorted(pipeline.pick_spread(keys[:5], 8, "0:test")) == [0, 1, 2, 3, 4]
+  # Expected from the documented rule, computed here: the lowest crc32("0:test:" + key).
+  ranked = sorted(keys, key=lambda k: (zlib.crc32(("0:test:" + k).encode()), k))
+  assert picked == ranked[:8]

@@ -72,6 +72,23 @@ def test_every_kind_trains_and_is_evaluated(comparison):
     assert ("skipped" in secs["latents"]) == (kind == "diffae"), kind
 
 
+def test_each_kind_logs_only_what_it_has(comparison):
+  wd = comparison["workdir"]
+  rows = {}
+  for kind in compare.KINDS:
+    with open(os.path.join(wd, kind, "metrics.jsonl")) as f:
+      rows[kind] = json.loads(f.readlines()[-1])
+  guided = {"diffusion", "mse_uncond", "kl", "guidance_norm", "posterior_std", "beta"}
+  for kind in ("sami", "sami_frozen"):
+    assert guided <= set(rows[kind]), kind
+  assert not {"kl", "posterior_std", "guidance_norm", "mse_uncond", "beta"} & set(rows["ddpm"])
+  assert not {"kl", "posterior_std", "guidance_norm", "mse_uncond", "beta"} & set(rows["diffae"])
+  # The beta-VAE logs the KL weight its loss uses (objective.vae_beta), not SAMI's schedule.
+  assert rows["beta_vae"]["beta"] == comparison["config"].objective.vae_beta
+  assert {"recon_mse", "kl", "posterior_std"} <= set(rows["beta_vae"])
+  assert "diffusion" not in rows["beta_vae"]
+
+
 def test_comparison_table_and_figure(comparison):
   out, wd = comparison["out"], comparison["workdir"]
   header, rows = out["header"], out["rows"]

@@ -113,7 +113,10 @@ def _restored_step(workdir: str) -> int:
 # ------------------------------------------------------------------------------ preemption
 
 
-def test_sigterm_saves_and_the_next_run_resumes(shared, base_run, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_saves_exits_75_and_the_next_run_resumes(shared, base_run, tmp_path, sig):
+  """SIGTERM (a preemption) and Ctrl-C (SIGINT) both save at the current step; the run exits
+  with train.PREEMPTED_EXIT_CODE (75), not 0 like a finished run."""
   del base_run  # only for ordering: its compilation fills the cache this test starts from
   wd = str(tmp_path / "wd")
   log_path = tmp_path / "first.log"
@@ -129,13 +132,14 @@ def test_sigterm_saves_and_the_next_run_resumes(shared, base_run, tmp_path):
         assert proc.poll() is None, log_path.read_text()[-3000:]
         assert time.time() < deadline, "no step logged in time"
         time.sleep(0.2)
-      proc.send_signal(signal.SIGTERM)
+      proc.send_signal(sig)
       rc = proc.wait(timeout=_TIMEOUT_S)
     finally:
       if proc.poll() is None:
         proc.kill()
   out = log_path.read_text()
-  assert rc == 0, out[-3000:]
+  assert rc == 75, (rc, out[-3000:])
+  assert "Traceback" not in out, out[-3000:]
   match = re.search(r"Preempted at step (\d+)", out)
   assert match, out[-3000:]
   step = int(match.group(1))
@@ -267,3 +271,92 @@ def test_frozen_denoiser_from_a_missing_directory(shared, tmp_path):
   proc = _run(shared, str(tmp_path / "wd"), "--config.model.kind=sami_frozen",
               "--config.model.denoiser_checkpoint=/nonexistent")
   _assert_user_error(proc, "/nonexistent", "does not exist")
+
+
+def test_frozen_denoiser_of_the_wrong_kind_or_shape_is_refused_before_compiling(
+    shared, base_run, tmp_path):
+  # A checkpoint without a denoiser (a beta_vae run keeps a decoder instead): written directly.
+  no_denoiser = str(tmp_path / "vae")
+  ckpt = ckpt_lib.Checkpointer(os.path.join(no_denoiser, "checkpoints"), keep_last=1)
+  params = {"decoder": {"w": np.zeros((2, 2), np.float32)}}
+  ckpt.save(1, {"params": params, "ema_params": params}, config={}, data_position={})
+  ckpt.close()
+  proc = _run(shared, str(tmp_path / "wd1"), "--config.model.kind=sami_frozen",
+              f"--config.model.denoiser_checkpoint={no_denoiser}", timeout=300)
+  _assert_user_error(proc, "holds no denoiser params", "decoder")
+  # The right kind but another U-Net width: named before anything is compiled.
+  proc = _run(shared, str(tmp_path / "wd2"), "--config.model.kind=sami_frozen",
+              f"--config.model.denoiser_checkpoint={base_run}", "--config.model.denoiser.ch=16",
+              timeout=300)
+  _assert_user_error(proc, "does not match config.model.denoiser")
+
+
+def test_resuming_with_changed_fields_refuses_shape_changes_and_warns_on_the_rest(
+    shared, base_run, tmp_path):
+  wd = str(tmp_path / "wd")
+  shutil.copytree(base_run, wd)
+  proc = _run(shared, wd, "--config.train.num_steps=4", "--config.model.encoder.latent_dim=5",
+              timeout=300)
+  _assert_user_error(proc, "model.encoder.latent_dim: 3 -> 5", "cannot resume")
+  assert _steps(wd) == [2, 4]  # nothing touched
+  proc = _run(shared, wd, "--config.train.num_steps=6", "--config.optim.lr=0.0005",
+              "--config.train.ckpt_every=2")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert re.search(r"differs from the checkpoint's: .*optim\.lr: 0\.0002 -> 0\.0005",
+                   proc.stderr), proc.stderr[-3000:]
+  assert _steps(wd)[-1] == 6
+
+
+# ------------------------------------------------------------------------------ config files
+
+
+@pytest.mark.parametrize("content,fragment", [
+    (None, "No such file or directory"),
+    ("x = (", "SyntaxError"),
+    ("import no_such_module_xyz\n", "No module named 'no_such_module_xyz'"),
+    ("A = 1\n", "defines no get_config"),
+    ("dir", "Is a directory"),
+])
+def test_a_broken_config_file_is_one_line(shared, tmp_path, content, fragment):
+  path = tmp_path / "my_config.py"
+  if content == "dir":
+    path.mkdir()
+  elif content is not None:
+    path.write_text(content)
+  proc = _run(shared, str(tmp_path / "wd"), config=str(path), timeout=120)
+  line = _assert_user_error(proc, f"could not load --config={path}", fragment)
+  assert "get_config" in line
+
+
+def test_an_unknown_variant_names_the_known_ones(shared, tmp_path):
+  proc = _run(shared, str(tmp_path / "wd"), config="configs/disks.py:cpuu", timeout=120)
+  _assert_user_error(proc, "Unknown variant 'cpuu'", "'cpu'")
+
+
+# ------------------------------------------------------------------------------ the file system
+
+
+def test_workdir_problems_are_one_line_naming_the_path(shared, tmp_path):
+  afile = tmp_path / "a_file"
+  afile.write_text("not a directory")
+  cases = [(str(afile), "a_file"), (str(afile / "sub"), "a_file/sub"),
+           (str(tmp_path / ("x" * 300)), "File name too long")]
+  for workdir, fragment in cases:
+    proc = _run(shared, workdir, timeout=120)
+    line = _assert_user_error(proc, fragment)
+    assert "(" in line and ")" in line  # the fix is named
+  assert afile.read_text() == "not a directory"  # nothing lost
+
+
+def test_tilde_in_the_workdir_is_the_home_directory(shared, tmp_path):
+  home = tmp_path / "home"
+  home.mkdir()
+  env = dict(_env(shared), HOME=str(home))
+  proc = subprocess.run(_args(shared, "~/run", "--config.train.num_steps=1",
+                              "--config.train.ckpt_every=1",
+                              config=os.path.join(ROOT, "configs", "disks.py:test")),
+                        env=env, cwd=str(tmp_path), capture_output=True, text=True,
+                        timeout=_TIMEOUT_S)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert os.path.isdir(home / "run" / "checkpoints")
+  assert not os.path.exists(tmp_path / "~")

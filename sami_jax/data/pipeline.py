@@ -297,9 +297,16 @@ def spread_indices(config: ml_collections.ConfigDict, split: str, n: int,
   """
   ds = _cached_dataset(config)
   ds.prepare()
-  keys = ds.example_keys(split)
-  salt = f"{seed}:{split}:".encode()
-  ranks = [zlib.crc32(salt + k.encode("utf-8", "surrogateescape")) for k in keys]
+  return pick_spread(ds.example_keys(split), n, f"{seed}:{split}")
+
+
+def pick_spread(keys: Sequence[str], n: int, salt: str) -> np.ndarray:
+  """Indices into `keys` of the n keys with the lowest crc32(salt + ":" + key), in that order.
+
+  A pure function of the set of keys: the same keys in another order give the same keys back.
+  """
+  prefix = (salt + ":").encode()
+  ranks = [zlib.crc32(prefix + k.encode("utf-8", "surrogateescape")) for k in keys]
   order = sorted(range(len(keys)), key=lambda i: (ranks[i], keys[i]))
   return np.asarray(order[:n], np.int64)
 
