@@ -2,6 +2,7 @@
 
     python benchmarks/seed_sweep.py --config=configs/disks.py:cpu --seeds=0,1,2,3,4 \
         --root=workdirs/sweep [--parallel=2] [--threshold=0.9] [--out=sweep.json] \
+        [--eval=disentanglement,elbo,reconstruction,speckle] [--python=/path/to/python] \
         [--config.section.field=value ...]
 
 Each seed is one ordinary run, `python -m sami_jax.main --config=CONFIG --workdir=ROOT/seed_N
@@ -11,6 +12,13 @@ run again, and an interrupted one resumes from its checkpoint: rerun the same co
 sweep. The result (one JSON object, printed and written to --out) has, per seed, the linear and
 kNN R^2 of every factor, the wall time and the logged steps/s; and per factor the minimum and mean
 over seeds, and how many seeds reach --threshold with the kNN probe on every factor.
+
+`--eval=SECTIONS` also runs `--mode=eval` with those report sections on each finished seed (once;
+ROOT/seed_N/eval/<step>/report.json) and adds their headline measures to the seed's entry: the
+probes on both Disks factor sets and which one the latents align with, MIG / DCI / SAP /
+FactorVAE, the bound in bits/dim, the reconstruction MSE and the background std (speckle) of
+reconstructions and samples. `--python` runs the seeds with another interpreter (e.g. the
+virtualenv of another jax version); its jax version is recorded.
 
 `--parallel` runs that many seeds at once: on a 2-core CPU two runs share the cores, so it saves
 little and makes every wall time longer; use it where cores are plentiful.
@@ -36,6 +44,8 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
   p.add_argument("--parallel", type=int, default=1)
   p.add_argument("--threshold", type=float, default=0.9)
   p.add_argument("--out", default=None, help="also write the JSON result here")
+  p.add_argument("--eval", default="", help="report sections to run on each seed (--mode=eval)")
+  p.add_argument("--python", default=sys.executable, help="interpreter that runs the seeds")
   args, rest = p.parse_known_args(argv)
   bad = [a for a in rest if not a.startswith("--config.")]
   if bad:
@@ -66,28 +76,79 @@ def _steps_per_sec(workdir: str) -> float | None:
   return rates[len(rates) // 2] if rates else None
 
 
-def run_seed(config: str, seed: int, root: str, overrides: list[str]) -> dict[str, Any]:
+def _jax_version(python: str) -> str:
+  out = subprocess.run([python, "-c", "import jax, sys; print(jax.__version__, sys.version.split()[0])"],
+                       capture_output=True, text=True, check=False)
+  return out.stdout.strip() or f"unknown ({out.stderr.strip()[-200:]})"
+
+
+def _eval_measures(report: dict[str, Any]) -> dict[str, Any]:
+  """The headline numbers of a report.json (sections that did not run are left out)."""
+  sec = report.get("sections", {})
+  out: dict[str, Any] = {}
+  dis = sec.get("disentanglement", {})
+  if "sets" in dis:
+    out["aligned"] = dis.get("aligned")
+    for name, st in dis["sets"].items():
+      out[name] = {k: st.get(k) for k in ("factors", "linear_r2", "knn_r2", "mig", "sap",
+                                          "dci_disentanglement", "dci_completeness",
+                                          "dci_informativeness", "factorvae")}
+  elbo = sec.get("elbo", {})
+  if "total_bpd" in elbo:
+    out["bound_bpd"] = elbo["total_bpd"]
+    out["bound_bpd_stderr"] = elbo.get("total_bpd_stderr")
+    out["bound_terms_bpd"] = elbo.get("bits_per_dim")
+    out["bound_denoiser_alone_bpd"] = elbo.get("total_no_guidance_bpd")
+  if "mse" in sec.get("reconstruction", {}):
+    out["recon_mse"] = sec["reconstruction"]["mse"]
+  sp = sec.get("speckle", {})
+  for key in ("data_std", "reconstructions_std", "samples_std"):
+    if key in sp:
+      out[f"bg_{key}"] = sp[key]
+  return out
+
+
+def run_seed(config: str, seed: int, root: str, overrides: list[str], python: str = sys.executable,
+             eval_sections: str = "") -> dict[str, Any]:
   workdir = os.path.join(root, f"seed_{seed}")
   summary_path = os.path.join(workdir, "summary.json")
+  log_path = os.path.join(root, f"seed_{seed}.log")
   if not os.path.exists(summary_path):
     os.makedirs(workdir, exist_ok=True)
-    cmd = [sys.executable, "-m", "sami_jax.main", f"--config={config}", f"--workdir={workdir}",
+    cmd = [python, "-m", "sami_jax.main", f"--config={config}", f"--workdir={workdir}",
            f"--config.seed={seed}", *overrides]
     t0 = time.time()
-    with open(os.path.join(root, f"seed_{seed}.log"), "a") as log:
+    with open(log_path, "a") as log:
       rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
     if rc != 0 or not os.path.exists(summary_path):
-      return {"seed": seed, "workdir": workdir, "error": f"exit code {rc}; see "
-              f"{os.path.join(root, f'seed_{seed}.log')}", "elapsed_s": time.time() - t0}
+      return {"seed": seed, "workdir": workdir, "error": f"exit code {rc}; see {log_path}",
+              "elapsed_s": time.time() - t0}
   with open(summary_path) as f:
     summary = json.load(f)
   probe = summary.get("probe")
   if probe is None:
     return {"seed": seed, "workdir": workdir,
             "error": "summary.json has no probe (not a Disks run, or train.probe_at_end=False)"}
-  return {"seed": seed, "workdir": workdir, "factors": probe["factors"],
-          "linear_r2": probe["linear_r2"], "knn_r2": probe["knn_r2"],
-          "wall_time_s": summary.get("wall_time_s"), "steps_per_sec": _steps_per_sec(workdir)}
+  out = {"seed": seed, "workdir": workdir, "factors": probe["factors"],
+         "linear_r2": probe["linear_r2"], "knn_r2": probe["knn_r2"],
+         "probe_sets": probe.get("sets"),
+         "wall_time_s": summary.get("wall_time_s"), "steps_per_sec": _steps_per_sec(workdir)}
+  if eval_sections:
+    report_path = os.path.join(workdir, "eval", str(summary["step"]), "report.json")
+    if not os.path.exists(report_path):
+      cmd = [python, "-m", "sami_jax.main", f"--config={config}", f"--workdir={workdir}",
+             f"--config.seed={seed}", *overrides, "--mode=eval",
+             f"--config.eval.sections={eval_sections}"]
+      with open(log_path, "a") as log:
+        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+      if rc != 0 or not os.path.exists(report_path):
+        out["error"] = f"--mode=eval exit code {rc}; see {log_path}"
+        return out
+    with open(report_path) as f:
+      report = json.load(f)
+    out["eval"] = _eval_measures(report)
+    out["eval_wall_time_s"] = report.get("wall_time_s")
+  return out
 
 
 def aggregate(runs: list[dict[str, Any]], threshold: float) -> dict[str, Any]:
@@ -110,9 +171,10 @@ def main(argv: list[str]) -> int:
   args, overrides = _parse(argv)
   os.makedirs(args.root, exist_ok=True)
   with futures.ThreadPoolExecutor(args.parallel) as pool:
-    runs = list(pool.map(lambda s: run_seed(args.config, s, args.root, overrides),
-                         args.seed_list))
+    runs = list(pool.map(lambda s: run_seed(args.config, s, args.root, overrides, args.python,
+                                            args.eval), args.seed_list))
   result = {"config": args.config, "overrides": overrides, "seeds": args.seed_list,
+            "jax_and_python": _jax_version(args.python),
             "runs": runs, "summary": aggregate(runs, args.threshold)}
   text = json.dumps(result, indent=2)
   print(text)

@@ -15,18 +15,27 @@ import os
 import numpy as np
 
 
-def pick_files(folder: str, n: int) -> list[str]:
-  """n image files spread over the folder's sub-folders (round robin over them)."""
+def load_some(folder: str, n: int, size: int, channels: int) -> tuple[list[str], np.ndarray]:
+  """Up to n images spread over the folder's sub-folders (round robin over them), decoded,
+  resized and cropped as the dataset was built: (paths, uint8 [n, size, size, channels]).
+  Files that do not decode are passed over (the run listed them when it built the dataset)."""
   from sami_jax.data import folder as folder_lib  # pylint: disable=g-import-not-at-top
   relpaths, _ = folder_lib.scan_folder(folder)
   by_dir: dict[str, list[str]] = {}
   for rel in relpaths:
     by_dir.setdefault(os.path.dirname(rel), []).append(rel)
-  picked, k = [], 0
-  while len(picked) < n and any(k < len(v) for v in by_dir.values()):
-    picked += [v[k] for v in by_dir.values() if k < len(v)][:n - len(picked)]
-    k += 1
-  return [os.path.join(folder, rel) for rel in picked]
+  order = [v[k] for k in range(max(map(len, by_dir.values()))) for v in by_dir.values()
+           if k < len(v)]
+  paths, images = [], []
+  for rel in order:
+    if len(paths) == n:
+      break
+    try:
+      images.append(folder_lib.load_image(os.path.join(folder, rel), size, channels))
+    except Exception:  # pylint: disable=broad-except
+      continue
+    paths.append(os.path.join(folder, rel))
+  return paths, np.stack(images)
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -38,7 +47,6 @@ def main(argv: list[str] | None = None) -> str:
 
   import sami_jax  # pylint: disable=g-import-not-at-top
   from sami_jax import export  # pylint: disable=g-import-not-at-top
-  from sami_jax.data import folder as folder_lib  # pylint: disable=g-import-not-at-top
   from sami_jax.utils import images as images_lib  # pylint: disable=g-import-not-at-top
 
   # 1. Load the newest checkpoint (the run's config and EMA params).
@@ -47,8 +55,7 @@ def main(argv: list[str] | None = None) -> str:
   size, channels = model.config.data.image_size, model.config.data.channels
 
   # 2. Encode a batch of PNG files, decoded, resized and cropped as the dataset was built.
-  paths = pick_files(args.folder, args.num_images)
-  batch = np.stack([folder_lib.load_image(p, size, channels) for p in paths])  # uint8 NHWC
+  paths, batch = load_some(args.folder, args.num_images, size, channels)  # uint8 NHWC
   mean, std = model.encode(batch)
   print(f"encoded {len(paths)} images {list(batch.shape)} -> latent means {list(mean.shape)}")
   print("  first image's latent mean:", np.round(mean[0], 3).tolist())

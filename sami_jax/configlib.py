@@ -22,7 +22,7 @@ PRIORS = ("normal", "latent_diffusion")
 DATASETS = ("disks", "disks_video", "celeba", "folder")
 SCHEDULES = ("cosine", "linear")
 WEIGHTINGS = ("simple", "elbo")
-TIME_SAMPLINGS = ("uniform", "antithetic", "high_noise")
+TIME_SAMPLINGS = ("uniform", "antithetic", "high_noise", "logsnr")
 BETA_SCHEDULES = ("constant", "linear", "loglinear")
 SCALE_PARAMS = ("softplus", "exp")
 SAMPLERS = ("ddim", "ddpm")
@@ -108,8 +108,9 @@ def default_config() -> ml_collections.ConfigDict:
   f.logsnr_max = 20.0
   f.num_timesteps = 0        # 0: continuous time; T > 0: t restricted to {1/T, ..., 1}.
   f.weighting = "simple"     # simple | elbo
-  f.time_sampling = "uniform"  # uniform | antithetic | high_noise
+  f.time_sampling = "uniform"  # uniform | antithetic | high_noise | logsnr (lambda uniform)
   f.high_noise_power = 0.5   # high_noise: t = u ** power (power < 1 oversamples large t).
+  f.importance_weighting = False  # weight t by 1 / q(t): the objective stays E_{t~U(0,1)}[...]
   f.guidance_scale = 1.0     # gamma in training.
 
   # ----------------------------------------------------------- objective
@@ -407,7 +408,7 @@ _RULES = {
     "diffusion.num_timesteps": _NONNEG_INT, "diffusion.weighting": _rule_choice(WEIGHTINGS),
     "diffusion.time_sampling": _rule_choice(TIME_SAMPLINGS),
     "diffusion.high_noise_power": _rule_float(0, lo_open=True, hi=1),
-    "diffusion.guidance_scale": _NONNEG,
+    "diffusion.guidance_scale": _NONNEG, "diffusion.importance_weighting": _rule_bool,
     "objective.beta_schedule": _rule_choice(BETA_SCHEDULES), "objective.beta_start": _POS,
     "objective.beta_end": _NONNEG, "objective.beta_warmup_steps": _NONNEG_INT,
     "objective.vae_beta": _NONNEG, "objective.test_inject_nan_step": _rule_int(-1),

@@ -180,7 +180,8 @@ def make_diffusion_loss_fn(config, denoiser, encoder, schedule: schedules.Schedu
   step (the caller folds in the step). The loss is normalised per pixel so that it is of order 1
   (0.5 * ... is not applied: with the "simple" weighting the diffusion term is the mean squared error
   of the noise prediction). Terms (each [B]; only those the route has):
-    diffusion: w(t) * mean over pixels of ||eps - eps_hat||^2              (every route)
+    diffusion: weight * mean over pixels of ||eps - eps_hat||^2, weight = w(t) (and 1 / q(t)
+               with importance weighting; Schedule.sample_times)               (every route)
     mse_uncond: mean over pixels of ||eps - eps_theta||^2 (the denoiser alone)   (guidance)
     kl: KL(q(z|x0) || N(0, I)) in nats                                       (guidance)
     guidance_norm: RMS over pixels of gamma * sigma_t * g_t                   (guidance)
@@ -201,7 +202,7 @@ def make_diffusion_loss_fn(config, denoiser, encoder, schedule: schedules.Schedu
     num_pixels = math.prod(x0.shape[1:])
     rng_t, rng_eps, rng_z, rng_drop = jax.random.split(rng, 4)
 
-    t = schedule.sample_t(rng_t, x0.shape[0])
+    t, w = schedule.sample_times(rng_t, x0.shape[0], weighting)
     alpha, sigma = schedule.alpha_sigma(t)
     eps = jax.random.normal(rng_eps, x0.shape, x0.dtype)
     x_t = diffuse(x0, eps, alpha, sigma)
@@ -229,7 +230,6 @@ def make_diffusion_loss_fn(config, denoiser, encoder, schedule: schedules.Schedu
           guidance_norm=jnp.sqrt(jnp.mean(correction ** 2, axis=(1, 2, 3))),
           posterior_std=jnp.mean(std0, axis=-1))
 
-    w = schedule.elbo_weight(t) if weighting == "elbo" else jnp.ones_like(t)
     diffusion = w * jnp.mean((eps - eps_hat) ** 2, axis=(1, 2, 3))
     per_example = per_example + diffusion
     terms["diffusion"] = diffusion

@@ -33,9 +33,14 @@ class Schedule:
     logsnr_min, logsnr_max: lambda_t is clipped to this range (the cosine schedule reaches -inf at
       t = 1); the clip keeps alpha, sigma and the ELBO weight finite.
     num_timesteps: 0 for continuous time; T > 0 restricts sampled t to the grid {1/T, ..., 1}.
-    time_sampling: "uniform", "antithetic" (stratified: one shared uniform offset, a variance
-      reduction from VDM) or "high_noise" (t = u ** high_noise_power, oversampling large t).
+    time_sampling: how training draws t (see `sample_times`): "uniform", "antithetic"
+      (stratified: one shared uniform offset, a variance reduction from VDM), "high_noise"
+      (t = u ** high_noise_power, oversampling large t) or "logsnr" (lambda uniform on the
+      schedule's range [logsnr(1), logsnr(0)], t = t_from_logsnr(lambda)).
     high_noise_power: exponent for "high_noise"; 1.0 is uniform.
+    importance_weighting: weight each drawn t by 1 / q(t), q the density it was drawn from, so
+      that the training objective is the same expectation over t ~ U(0, 1) whatever the sampling
+      (the ELBO stays the ELBO); without it, "high_noise" and "logsnr" change what is optimised.
   """
   kind: str = "cosine"
   cosine_s: float = 0.008
@@ -46,6 +51,7 @@ class Schedule:
   num_timesteps: int = 0
   time_sampling: str = "uniform"
   high_noise_power: float = 0.5
+  importance_weighting: bool = False
 
   def _cosine_consts(self) -> tuple[float, float, float]:
     """(c, cos(s c), sin(s c)) with c = pi / (2 (1 + s)): u_t = (t + s) c is the cosine's angle."""
@@ -152,21 +158,64 @@ class Schedule:
     return -0.5 * dlam
 
   def sample_t(self, rng: jax.Array, n: int) -> jax.Array:
-    """n diffusion times in (0, 1], shape [n], drawn as `time_sampling` says."""
-    if self.time_sampling == "antithetic":
+    """n diffusion times in [0, 1], shape [n], drawn as `time_sampling` says."""
+    return self.sample_times(rng, n, "simple")[0]
+
+  def sample_times(self, rng: jax.Array, n: int, weighting: str
+                   ) -> tuple[jax.Array, jax.Array]:
+    """n training times and the loss weight of each: (t [n], weight [n]).
+
+    The diffusion term of the loss is weight * ||eps - eps_hat||^2 (mean over pixels). weighting
+    is "simple" (w = 1) or "elbo" (w = -1/2 dlambda/dt, `elbo_weight`); with
+    importance_weighting the weight also carries 1 / q(t), so that E[weight ||.||^2] equals
+    E_{t ~ U(0, 1)}[w(t) ||.||^2] whatever q is. For "logsnr" with the "elbo" weighting the
+    product is the constant (lambda_0 - lambda_1) / 2 (lambda uniform on its range, as in the
+    bound of evaluation/elbo.py): the ELBO with far less variance than t ~ U(0, 1) gives it.
+    ("high_noise" with importance weighting is unbiased too, but with the "elbo" weighting its
+    weight ~ 1/t * 1/q(t) at small t has an infinite variance: use "logsnr" for the ELBO.)
+    """
+    if weighting not in ("simple", "elbo"):
+      raise ValueError(f"unknown weighting {weighting!r}; use 'simple' or 'elbo'.")
+    kind = self.time_sampling
+    if kind == "logsnr":
+      lam1, lam0 = self.logsnr_range()
+      lam = lam1 + jax.random.uniform(rng, (n,)) * (lam0 - lam1)
+      t = self.t_from_logsnr(lam)
+      if not self.importance_weighting:
+        w = self.elbo_weight(t) if weighting == "elbo" else jnp.ones_like(t)
+        return t, w
+      if weighting == "elbo":
+        return t, jnp.full((n,), 0.5 * (lam0 - lam1), jnp.float32)
+      # simple: w = 1, divided by q(t) = |dlambda/dt| / (lambda_0 - lambda_1).
+      return t, (lam0 - lam1) / jnp.maximum(2.0 * self.elbo_weight(t), 1e-20)
+    if kind == "antithetic":
       u = jnp.mod(jax.random.uniform(rng, ()) + jnp.arange(n) / n, 1.0)
-    elif self.time_sampling in ("uniform", "high_noise"):
+    elif kind in ("uniform", "high_noise"):
       u = jax.random.uniform(rng, (n,))
     else:
-      raise ValueError(f"unknown time_sampling {self.time_sampling!r}; use 'uniform', "
-                       "'antithetic' or 'high_noise'.")
-    if self.time_sampling == "high_noise":
-      u = u ** self.high_noise_power
+      raise ValueError(f"unknown time_sampling {kind!r}; use 'uniform', 'antithetic', "
+                       "'high_noise' or 'logsnr'.")
+    inv_q = jnp.ones((n,), jnp.float32)
+    if kind == "high_noise":
+      p = self.high_noise_power
+      v = jnp.maximum(u, 1e-12)
+      if self.importance_weighting:  # t = u^p has density q(t) = t^(1/p - 1) / p
+        inv_q = p * v ** (p - 1.0)
+      u = v ** p
     if self.num_timesteps > 0:
       steps = self.num_timesteps
-      return jnp.clip(jnp.ceil(u * steps), 1, steps) / steps
-    # Keep t away from exactly 0 so that sigma_t > 0.
-    return jnp.maximum(u, 1e-5)
+      t = jnp.clip(jnp.ceil(u * steps), 1, steps) / steps
+    else:
+      # Keep t away from exactly 0 so that sigma_t > 0.
+      t = jnp.maximum(u, 1e-5)
+    w = self.elbo_weight(t) if weighting == "elbo" else jnp.ones_like(t)
+    return t, w * inv_q
+
+  def logsnr_range(self) -> tuple[float, float]:
+    """(lambda_1, lambda_0) = (logsnr(1), logsnr(0)) as Python floats: the range training with
+    "logsnr" sampling and the bound cover."""
+    return (float(self.logsnr(jnp.ones((), jnp.float32))),
+            float(self.logsnr(jnp.zeros((), jnp.float32))))
 
 
 def from_config(config) -> Schedule:
@@ -175,4 +224,5 @@ def from_config(config) -> Schedule:
   return Schedule(kind=d.schedule, cosine_s=d.cosine_s, beta_start=d.linear_beta_start,
                   beta_end=d.linear_beta_end, logsnr_min=d.logsnr_min, logsnr_max=d.logsnr_max,
                   num_timesteps=d.num_timesteps, time_sampling=d.time_sampling,
-                  high_noise_power=d.high_noise_power)
+                  high_noise_power=d.high_noise_power,
+                  importance_weighting=d.importance_weighting)

@@ -1,3 +1,5 @@
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -182,3 +184,47 @@ def test_logsnr_to_t_to_logsnr_round_trip(kind):
   tol = 2e-6 * (1 + np.abs(lam)) + 2 * slope * np.spacing(t)
   err = np.abs(back - lam)
   assert np.all(err <= tol), np.max(err / tol)
+
+
+@pytest.mark.parametrize("sampling,power", [("uniform", 0.5), ("antithetic", 0.5),
+                                            ("high_noise", 0.5), ("logsnr", 0.5)])
+@pytest.mark.parametrize("weighting", ["simple", "elbo"])
+def test_importance_weighted_times_keep_the_uniform_objective(sampling, power, weighting):
+  """E_q[weight f(t)] == int_0^1 w(t) f(t) dt for a smooth f, whatever q: the objective (the ELBO
+  with the "elbo" weighting) is unchanged by the sampling. Reference: trapezoid quadrature in
+  float64 of the hand-written cosine schedule's weight."""
+  sched = schedules.Schedule(kind="cosine", time_sampling=sampling, high_noise_power=power,
+                             importance_weighting=True)
+  # Vanishes at both ends, so that every estimator here has a finite variance (with f(0) > 0,
+  # the "elbo" weight ~ 1/t times high_noise's 1/q(t) has an infinite one).
+  f = lambda t: np.exp(-3.0 * (t - 0.6) ** 2) * (1 - t) ** 2 * t
+  t, w = sched.sample_times(jax.random.PRNGKey(0), 400_000, weighting)
+  t, w = np.asarray(t, np.float64), np.asarray(w, np.float64)
+  mc = np.mean(w * f(t))
+  se = np.std(w * f(t)) / np.sqrt(len(t))
+
+  def lam(tt):
+    s = 0.008
+    ab = np.cos((tt + s) / (1 + s) * np.pi / 2) ** 2 / math.cos(s / (1 + s) * np.pi / 2) ** 2
+    return np.log(ab / (1 - ab))
+  grid = np.linspace(1e-6, 1 - 1e-6, 2_000_001)
+  if weighting == "elbo":
+    weight = np.clip(-0.5 * np.gradient(lam(grid), grid), 0, None)
+    # The schedule clips lambda to [-20, 15.94] (flat there: no weight).
+    weight[(lam(grid) < -20) | (lam(grid) > math.log((1 - 2 ** -23) / 2 ** -23))] = 0
+  else:
+    weight = np.ones_like(grid)
+  exact = np.trapezoid(weight * f(grid), grid)
+  assert abs(mc - exact) < 4 * se + 0.003 * exact, (mc, exact, se)
+  assert np.all(t >= 0) and np.all(t <= 1)
+
+
+def test_logsnr_sampling_is_uniform_in_lambda_with_the_constant_elbo_weight():
+  sched = schedules.Schedule(kind="cosine", time_sampling="logsnr", importance_weighting=True)
+  lam1, lam0 = sched.logsnr_range()
+  t, w = sched.sample_times(jax.random.PRNGKey(1), 100_000, "elbo")
+  np.testing.assert_allclose(np.asarray(w), 0.5 * (lam0 - lam1), rtol=1e-6)
+  lam = np.asarray(sched.logsnr(t), np.float64)
+  # Uniform on [lam1, lam0]: each tenth of the range holds a tenth of the draws (binomial error).
+  counts, _ = np.histogram(lam, bins=10, range=(lam1, lam0))
+  np.testing.assert_allclose(counts / len(lam), 0.1, atol=4 * math.sqrt(0.09 / len(lam)))
