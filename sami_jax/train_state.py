@@ -157,5 +157,6 @@ def state_shardings(config: ml_collections.ConfigDict, mesh) -> State:
 
 def create_sharded_state(config: ml_collections.ConfigDict, mesh) -> State:
   """The initial state, created directly with its final shardings (no host copy)."""
-  init = jax.jit(lambda rng: init_state(config, rng), out_shardings=state_shardings(config, mesh))
+  init = jax.jit(lambda rng: init_state(config, rng), out_shardings=state_shardings(config, mesh),
+                 compiler_options=models_lib.init_compiler_options() or None)
   return init(jax.random.PRNGKey(config.seed))

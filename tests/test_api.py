@@ -330,7 +330,7 @@ def test_a_deterministic_encoder_has_no_posterior_std(model, test_split):
   from sami_jax import models as models_lib  # pylint: disable=g-import-not-at-top
   config = configlib.copy(model.config)
   config.model.kind = "diffae"
-  params = models_lib.init_params(config, jax.random.PRNGKey(0))
+  params = models_lib.initialize(config, jax.random.PRNGKey(0))
   diffae = api.Model(config, params, 0, batch_size=4)
   assert not diffae.has_posterior and model.has_posterior
   mean, std = diffae.encode(test_split["image"][:2])

@@ -169,7 +169,7 @@ def _models(kind):
   c.model.kind = kind
   c.model.decoder.ch, c.model.decoder.ch_mult, c.model.decoder.num_groups = 8, (1,), 4
   den, enc = models_lib.build_models(c)
-  params = models_lib.init_params(c, jax.random.PRNGKey(0))
+  params = models_lib.initialize(c, jax.random.PRNGKey(0))
   return c, den, enc, params
 
 

@@ -201,7 +201,7 @@ def test_loss_at_init_is_finite_and_of_order_one_with_the_real_models(scale_para
   c.model.encoder.ch, c.model.encoder.ch_mult = 8, (1, 2)
   c.model.encoder.scale_param = scale_param
   den, enc = models.build_models(c)
-  params = models.init_params(c, jax.random.PRNGKey(0))
+  params = models.initialize(c, jax.random.PRNGKey(0))
   x = jax.random.normal(jax.random.PRNGKey(1), (16, 8, 8, 1))  # unit variance
   loss, terms = jax.jit(kinds.make_loss_fn(c, den, enc))(params, {"image": x},
                                                              jax.random.PRNGKey(2), 0)
