@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from sami_jax import rngs
 from sami_jax import samplers
 from sami_jax.utils import images as images_lib
 
@@ -154,7 +155,7 @@ class Model:
       base = jax.random.PRNGKey(seed)
       init_key = jax.random.fold_in(jax.random.fold_in(base, _KEY_INIT_NOISE), noise_id)
       step_key = jax.random.fold_in(jax.random.fold_in(base, _KEY_STEP_NOISE), row_id)
-      x_init = jax.random.normal(init_key, (1,) + comp.image_shape, jnp.float32)
+      x_init = rngs.normal(init_key, (1,) + comp.image_shape, jnp.float32)
       eps_fn = kinds.eps_fn(comp.kind, comp.image_model, comp.encoder, params, z[None],
                             gamma=gamma, time_conditioning=comp.time_conditioning,
                             schedule=comp.schedule)

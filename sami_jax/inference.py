@@ -127,7 +127,7 @@ def reconstruct(comp: Components, params, x0, rng: jax.Array, *, use_mean: bool 
   """Encodes x0 [B, H, W, C] -> z (the posterior mean, or a sample), then decodes z."""
   rng_z, rng_gen = jax.random.split(rng)
   mean, std = encode(comp, params, x0)
-  z = mean if use_mean else mean + std * jax.random.normal(rng_z, mean.shape)
+  z = mean if use_mean else mean + std * rngs.normal(rng_z, mean.shape)
   return decode(comp, params, z, rng_gen, **kw)
 
 
@@ -206,7 +206,7 @@ def sample_grids(config: ml_collections.ConfigDict, params, images: np.ndarray,
   rec = reconstruct(comp, params, images, r_rec, use_mean=config.sampling.use_mean, **kw)
   grids = {"reconstructions": images_lib.make_grid(
       np.concatenate([images, np.asarray(rec)]), ncol=n)}
-  z = jax.random.normal(r_prior, (n, comp.latent_dim))
+  z = rngs.normal(r_prior, (n, comp.latent_dim))
   grids["prior_samples"] = images_lib.make_grid(np.asarray(decode(comp, params, z, r_prior, **kw)),
                                                 ncol=n)
   mean, _ = encode(comp, params, images[:1])

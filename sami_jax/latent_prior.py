@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from sami_jax import rngs
 from sami_jax import samplers
 from sami_jax import schedules
 from sami_jax.models import layers
@@ -138,7 +139,7 @@ def _make_train_chunk(model: LatentDenoiser, schedule: schedules.Schedule,
     b = x0.shape[0]
     # t ~ U(0, 1], kept away from 0 so that sigma_t > 0.
     t = jnp.maximum(jax.random.uniform(k_t, (b,)), 1e-5)
-    eps = jax.random.normal(k_eps, x0.shape, jnp.float32)
+    eps = rngs.normal(k_eps, x0.shape, jnp.float32)
     alpha, sigma = schedule.alpha_sigma(t)
     x_t = alpha[:, None] * x0 + sigma[:, None] * eps
     eps_hat = model.apply({"params": params}, x_t, t)
@@ -219,7 +220,7 @@ def fit(config, latents: np.ndarray, rng: jax.Array) -> LatentPrior:
 def _sample(model: LatentDenoiser, schedule: schedules.Schedule, params, mean, std, rng, *,
             n: int, steps: int) -> jax.Array:
   rng_init, rng_sample = jax.random.split(rng)
-  x_init = jax.random.normal(rng_init, (n, model.latent_dim), jnp.float32)
+  x_init = rngs.normal(rng_init, (n, model.latent_dim), jnp.float32)
   eps_fn = lambda z, t: model.apply({"params": params}, z, t)
   z = samplers.sample(eps_fn, schedule, x_init, rng_sample, steps=steps, sampler="ddim",
                       clip_x0=False)

@@ -16,6 +16,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from sami_jax import rngs
 from sami_jax import schedules
 
 # (x [B,H,W,C], t [B] or None) -> (mean [B,d], std [B,d]); params already bound.
@@ -146,7 +147,7 @@ def make_vae_loss_fn(config, decoder, encoder) -> LossFn:
     num_pixels = math.prod(x0.shape[1:])
     encode_fn = bind_encoder(encoder, params["encoder"], time_conditioning)
     mean, std = encode_clean(encode_fn, x0)
-    z = mean + std * jax.random.normal(rng, mean.shape, mean.dtype)
+    z = mean + std * rngs.normal(rng, mean.shape, mean.dtype)
     x_rec = decoder.apply({"params": params["decoder"]}, z)
     chex.assert_equal_shape((x_rec, x0))
     sq = jnp.sum((x0 - x_rec) ** 2, axis=(1, 2, 3))
@@ -204,7 +205,7 @@ def make_diffusion_loss_fn(config, denoiser, encoder, schedule: schedules.Schedu
 
     t, w = schedule.sample_times(rng_t, x0.shape[0], weighting)
     alpha, sigma = schedule.alpha_sigma(t)
-    eps = jax.random.normal(rng_eps, x0.shape, x0.dtype)
+    eps = rngs.normal(rng_eps, x0.shape, x0.dtype)
     x_t = diffuse(x0, eps, alpha, sigma)
 
     den_params = params["denoiser"]
@@ -221,7 +222,7 @@ def make_diffusion_loss_fn(config, denoiser, encoder, schedule: schedules.Schedu
     per_example = jnp.zeros_like(t)
     if latent == "guidance":
       mean0, std0 = encode_clean(encode_fn, x0)
-      z = mean0 + std0 * jax.random.normal(rng_z, mean0.shape, mean0.dtype)
+      z = mean0 + std0 * rngs.normal(rng_z, mean0.shape, mean0.dtype)
       eps_hat, correction = guided_eps(eps_theta, encode_fn, x_t, t, z, sigma, gamma)
       kl = kl_to_standard_normal(mean0, std0)
       per_example = beta_at(config.objective, step) * kl / num_pixels

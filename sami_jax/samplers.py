@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from sami_jax import objective
+from sami_jax import rngs
 from sami_jax import schedules
 
 # (x_t [B,H,W,C], t [B]) -> eps prediction [B,H,W,C]
@@ -66,7 +67,7 @@ def sample(eps_fn: EpsFn, schedule: schedules.Schedule, x_init: jax.Array, rng: 
     if clip_x0:
       x0 = jnp.clip(x0, -1.0, 1.0)
       eps = (x - alpha_t * x0) / sigma_t
-    noise = jax.random.normal(key, x.shape, x.dtype)
+    noise = rngs.normal(key, x.shape, x.dtype)
     if sampler == "ddim":
       # DDIM (Song et al. 2021, eq. 12) with alpha_bar = alpha^2 and 1 - alpha_bar = sigma^2:
       #   c^2 = eta^2 (sigma_s^2 / sigma_t^2) (1 - alpha_t^2 / alpha_s^2),
@@ -122,7 +123,7 @@ def initial_noise(rng: jax.Array, batch: int, image_shape: tuple[int, int, int],
                   shared: bool = False) -> jax.Array:
   """x_1 ~ N(0, I), [batch, H, W, C]; shared=True gives every row the same noise image (which is
   what makes the rows of a traversal or an interpolation comparable)."""
-  noise = jax.random.normal(rng, ((1,) if shared else (batch,)) + tuple(image_shape), jnp.float32)
+  noise = rngs.normal(rng, ((1,) if shared else (batch,)) + tuple(image_shape), jnp.float32)
   return jnp.broadcast_to(noise, (batch,) + tuple(image_shape))
 
 

@@ -20,10 +20,10 @@ from PIL import Image
 import sami_jax
 from sami_jax import api
 from sami_jax import checkpoint as ckpt_lib
-from sami_jax import export
-from sami_jax import samplers
 from sami_jax import configlib
+from sami_jax import export
 from sami_jax import inference
+from sami_jax import samplers
 from sami_jax import train
 from sami_jax.data import folder as folder_lib
 from sami_jax.data import pipeline

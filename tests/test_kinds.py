@@ -16,11 +16,11 @@ from PIL import Image
 
 from sami_jax import compare
 from sami_jax import configlib
+from sami_jax import inference
+from sami_jax import kinds
 from sami_jax import models as models_lib
 from sami_jax import objective
 from sami_jax import samplers
-from sami_jax import inference
-from sami_jax import kinds
 from sami_jax import train_state
 from tests.test_config import ROOT, load_config
 

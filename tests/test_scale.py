@@ -11,12 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sami_jax import models as models_lib
-from sami_jax import objective
-from sami_jax import sharding as sharding_lib
 from sami_jax import configlib
 from sami_jax import inference
 from sami_jax import kinds
+from sami_jax import models as models_lib
+from sami_jax import objective
+from sami_jax import sharding as sharding_lib
 from sami_jax import train_state
 from tests.test_config import load_config
 

@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sami_jax import objective
+from sami_jax import rngs
 from sami_jax import schedules
 
 # Half the width of an 8-bit bin in the [-1, 1] data scale.
@@ -183,7 +184,7 @@ class BoundFn:
     # whatever the precision of the t handed to the network.
     alpha = jnp.sqrt(jax.nn.sigmoid(lam))[:, None, None, None]
     sigma = jnp.sqrt(jax.nn.sigmoid(-lam))[:, None, None, None]
-    eps = jax.random.normal(rng_eps, x0.shape, jnp.float32)
+    eps = rngs.normal(rng_eps, x0.shape, jnp.float32)
     x_t = alpha * x0 + sigma * eps
     t = self.schedule.t_from_logsnr(lam)
     eps_hat, extras = self.eps_hat_fn(params, x_t, t, x0, rng_model)
@@ -197,7 +198,7 @@ class BoundFn:
         "diffusion": diffusion_nats(eps, eps_hat, weight),
         "prior": prior_nats(x0, self.logsnr_1),
         "reconstruction": reconstruction_nats(
-            x0, jax.random.normal(rng_rec, x0.shape, jnp.float32), self.logsnr_0),
+            x0, rngs.normal(rng_rec, x0.shape, jnp.float32), self.logsnr_0),
     }
     for name, value in extras.items():
       chex.assert_shape(value, (b,))
@@ -282,7 +283,7 @@ class DecoderBoundFn:
     del u
     chex.assert_rank(x0, 4)
     mean, std = self.posterior_fn(params, x0)
-    z = mean + std * jax.random.normal(rng, mean.shape, mean.dtype)
+    z = mean + std * rngs.normal(rng, mean.shape, mean.dtype)
     rec = discretized_gaussian_nll(x0, self.decoder_fn(params, z), math.log(self.obs_std))
     kl = objective.kl_to_standard_normal(mean, std)
     return {"reconstruction": rec, "latent_kl": kl, "total": rec + kl}

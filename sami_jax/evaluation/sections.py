@@ -36,6 +36,7 @@ from sami_jax import configlib
 from sami_jax import inference
 from sami_jax import kinds
 from sami_jax import objective
+from sami_jax import rngs
 from sami_jax import samplers
 from sami_jax.data import pipeline
 from sami_jax.evaluation import attributes as attributes_lib
@@ -90,7 +91,7 @@ def ablation_noise(key: jax.Array, batch_index: int, bucket: int, batch_size: in
   k = jax.random.fold_in(jax.random.fold_in(key, batch_index), bucket)
   k_t, k_eps = jax.random.split(k)
   t = (bucket + jax.random.uniform(k_t, (batch_size,))) / num_buckets
-  eps = jax.random.normal(k_eps, (batch_size,) + tuple(image_shape), jnp.float32)
+  eps = rngs.normal(k_eps, (batch_size,) + tuple(image_shape), jnp.float32)
   return jnp.maximum(t, 1e-5), eps
 
 
@@ -311,7 +312,7 @@ def bound_fn(ctx: Context, *, guided: bool = True):
     if with_posterior:
       encode_fn = objective.bind_encoder(comp.encoder, params["encoder"], tc)
       mean0, std0 = objective.encode_clean(encode_fn, x0)
-      z = mean0 + std0 * jax.random.normal(rng, mean0.shape, mean0.dtype)
+      z = mean0 + std0 * rngs.normal(rng, mean0.shape, mean0.dtype)
       extras["latent_kl"] = objective.kl_to_standard_normal(mean0, std0)
     if guided:
       eps = kinds.eps_fn(kind, comp.image_model, comp.encoder, params, z, gamma=gamma,
@@ -653,7 +654,7 @@ def prior_samples(ctx: Context, num: int, key: jax.Array) -> np.ndarray:
   out, i = [], 0
   while i < num:
     kb = jax.random.fold_in(key, i)
-    z = jax.random.normal(kb, (ctx.batch_size, d))  # fixed shape: one compilation
+    z = rngs.normal(kb, (ctx.batch_size, d))  # fixed shape: one compilation
     x = inference.decode(ctx.comp, ctx.params, z, kb, **ctx.sampling_kwargs())
     out.append(np.asarray(x)[:num - i])
     i += ctx.batch_size
