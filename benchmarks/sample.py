@@ -38,16 +38,16 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   from sami_jax import models as models_lib  # pylint: disable=g-import-not-at-top
   from sami_jax import samplers  # pylint: disable=g-import-not-at-top
-  from sami_jax import train  # pylint: disable=g-import-not-at-top
+  project = common.api()
 
   config = _CONFIG.value
   if _WORKDIR.value:
-    config, params, step = train.restore_for_inference(config, _WORKDIR.value)
+    config, params, step = project.restore_for_inference(config, _WORKDIR.value)
     source = f"{_WORKDIR.value} step {step}"
   else:
     params = models_lib.init_params(config, jax.random.PRNGKey(config.seed))
     source = "random init"
-  denoiser, encoder, schedule = train.components(config)
+  denoiser, encoder, schedule = project.components(config)
   b, n = _BATCH.value, _SAMPLING_STEPS.value
   kw = dict(schedule=schedule, steps=n, sampler="ddim", eta=0.0,
             gamma=config.sampling.guidance_scale,
