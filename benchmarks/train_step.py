@@ -20,8 +20,10 @@ encoder or guidance; "sami": the config's kind):
                           with other programs this compares like with like;
 then "peak": the best FLOP/s of a square matmul in the model's compute dtype (float32 on CPU,
 bfloat16 with --config.model.dtype=bfloat16 on an accelerator), measured in the same run, and
-"sami_over_plain": the SAMI / plain ratios of step time and FLOPs, and the step-time ratio over
-the FLOP ratio (1.0 when SAMI's extra work runs as efficiently as the plain step's).
+"sami_over_plain": the SAMI / plain ratios of step time and FLOPs, the step-time ratio over the
+FLOP ratio (1.0 when SAMI's extra work runs as efficiently as the plain step's), and the same from
+the paired fractions (paired_step_time_over_flops: not thrown off by load that changed between
+the two kinds' measurements).
 
 --xla_options: "jit" (default) times the step exactly as the project compiles it;
 "recommended" adds sami_jax.models.xla_options.recommended_compiler_options(); a JSON object adds
@@ -117,6 +119,11 @@ def run(config, *, kinds=("ddpm", "sami"), steps: int = 10, matmul_size: int | N
     if s["flops_per_step_per_device"] and p["flops_per_step_per_device"]:
       ratio["flops"] = s["flops_per_step_per_device"] / p["flops_per_step_per_device"]
       ratio["step_time_over_flops"] = ratio["step_time"] / ratio["flops"]
+    if "paired_fraction_of_peak" in s and "paired_fraction_of_peak" in p:
+      # The same ratio with each step time scaled by the matmul timed next to it: what it would
+      # be if both kinds had run under the same load.
+      ratio["paired_step_time_over_flops"] = (p["paired_fraction_of_peak"] /
+                                              s["paired_fraction_of_peak"])
     result["sami_over_plain"] = ratio
   result["memory"] = common.memory_report()
   return result
