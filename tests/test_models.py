@@ -177,6 +177,18 @@ def test_recommended_compiler_options_compile_and_keep_the_result():
   np.testing.assert_allclose(got, f(w), rtol=1e-4, atol=1e-4)
 
 
+def test_run_once_compiler_options_give_the_same_init():
+  from sami_jax.models import xla_options  # pylint: disable=g-import-not-at-top
+  assert xla_options.run_once_compiler_options("gpu") == {}
+  config = _tiny_config()
+  init = jax.jit(functools.partial(models.init_params, config))
+  key = jax.random.PRNGKey(5)
+  fast = init.lower(key).compile(
+      compiler_options=xla_options.run_once_compiler_options("cpu"))(key)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                         init(key), fast)
+
+
 # ------------------------------------------------------------------------------- U-Net
 
 
