@@ -102,7 +102,9 @@ def _describe(name: str, instructions, computations) -> dict[str, Any]:
     cat = "GroupNorm (with fused elementwise)"
   elif "Dropout" in joined or "random" in joined:
     cat = "dropout / RNG"
-  elif re.search(r"(UNet|Encoder|ConvDecoder)\)?/", joined):
+  elif re.search(r"(UNet|Encoder|ConvDecoder)\)*/[^ ]*/(pad|slice|jit\(_pad\))", joined):
+    cat = "pad / slice (patches, skips)"
+  elif re.search(r"(UNet|Encoder|ConvDecoder)\)*/", joined):
     cat = "other model elementwise"
   elif "opt_state" in line or not joined or "jit(train_step)/" in source:
     cat = "optimizer, EMA, loss, metrics"

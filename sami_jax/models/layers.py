@@ -103,14 +103,16 @@ class Conv(nn.Module):
   interchangeable with nn.Conv(features, (k, k), strides, padding="SAME"). What differs is the
   program XLA sees; the products summed are the same, only float32 rounding differs:
 
-  - k == 1: a dot over the channel axis. As a convolution, XLA:CPU turned its weight gradient
-    into a convolution with a window as large as the feature map (slow on every CPU backend).
+  - k == 1: a dot over the channel axis. As a convolution, XLA:CPU turns its weight gradient
+    into a convolution with a window as large as the feature map, plus transposes into the
+    layout that needs.
   - patches=True: one dot over extracted [B, H', W', k*k*C_in] patches (im2col). Every derivative
     of it, to any order, is again dots, slices and pads. Used for the encoder's strided
     convolutions: its second derivative (SAMI differentiates the guidance score, itself a gradient
     of the encoder) is, as a convolution, a kernel-dilated, reversed convolution that XLA:CPU
-    runs on a generic loop, 5-10x slower than these dots. With stride 2 the patches hold only
-    2.25x the input, so the forward pass costs little more.
+    runs on its generic loop emitter: the encoder's two downsamples took ~6% of a SAMI step for
+    ~1% of its FLOPs (benchmarks/README.md). With stride 2 the patches hold only 2.25x the
+    input, so the forward pass costs little more.
   - otherwise: lax.conv_general_dilated in NHWC / HWIO, as nn.Conv.
   """
   features: int
