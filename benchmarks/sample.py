@@ -19,7 +19,9 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# This checkout's sami_jax first (ahead of any installed copy), then the benchmarks' helpers.
+sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)),
+                os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -36,16 +38,16 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   from sami_jax import models as models_lib  # pylint: disable=g-import-not-at-top
   from sami_jax import samplers  # pylint: disable=g-import-not-at-top
-  from sami_jax import train  # pylint: disable=g-import-not-at-top
+  project = common.api()
 
   config = _CONFIG.value
   if _WORKDIR.value:
-    config, params, step = train.restore_for_inference(config, _WORKDIR.value)
+    config, params, step = project.restore_for_inference(config, _WORKDIR.value)
     source = f"{_WORKDIR.value} step {step}"
   else:
     params = models_lib.init_params(config, jax.random.PRNGKey(config.seed))
     source = "random init"
-  denoiser, encoder, schedule = train.components(config)
+  denoiser, encoder, schedule = project.components(config)
   b, n = _BATCH.value, _SAMPLING_STEPS.value
   kw = dict(schedule=schedule, steps=n, sampler="ddim", eta=0.0,
             gamma=config.sampling.guidance_scale,

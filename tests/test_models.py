@@ -102,6 +102,93 @@ def test_sinusoidal_embedding_matches_formula():
   np.testing.assert_allclose(emb, np.concatenate([np.sin(args), np.cos(args)], -1), atol=2e-4)
 
 
+def _numpy_same_patches(x, k, stride):
+  """Reference im2col by explicit loops: "SAME" padding as XLA defines it (the extra pad row
+  and column go after), patch element (i, j, c) at index (i * k + j) * C + c."""
+  b, h, w, c = x.shape
+  ho, wo = -(-h // stride), -(-w // stride)
+  pad_h = max((ho - 1) * stride + k - h, 0)
+  pad_w = max((wo - 1) * stride + k - w, 0)
+  xp = np.pad(x, ((0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2),
+                  (0, 0)))
+  out = np.zeros((b, ho, wo, k * k * c), x.dtype)
+  for oy in range(ho):
+    for ox in range(wo):
+      for i in range(k):
+        for j in range(k):
+          out[:, oy, ox, (i * k + j) * c:(i * k + j + 1) * c] = xp[:, oy * stride + i,
+                                                                  ox * stride + j, :]
+  return out
+
+
+@pytest.mark.parametrize("size,stride", [(6, 1), (6, 2), (7, 2), (5, 1)])
+def test_extract_patches_matches_loops(size, stride):
+  x = np.random.default_rng(0).standard_normal((2, size, size + 1, 3)).astype(np.float32)
+  got = np.asarray(layers.extract_patches(jnp.asarray(x), 3, stride))
+  np.testing.assert_array_equal(got, _numpy_same_patches(x, 3, stride))
+
+
+@pytest.mark.parametrize("k,stride,patches", [(3, 1, False), (3, 2, False), (3, 2, True),
+                                              (3, 1, True), (1, 1, False)])
+def test_conv_is_flax_conv(k, stride, patches):
+  """Same parameters (names, shapes, init values) and the same function, its gradient and the
+  gradient of its input-gradient (SAMI's pattern), as flax.linen.Conv with "SAME" padding."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  x = _images(0, (2, 8, 8, 5))
+  ref = nn.Conv(7, (k, k), strides=(stride, stride), padding="SAME")
+  new = layers.Conv(7, k, stride, patches=patches)
+  p_ref, p_new = ref.init(jax.random.PRNGKey(3), x), new.init(jax.random.PRNGKey(3), x)
+  assert jax.tree_util.tree_structure(p_ref) == jax.tree_util.tree_structure(p_new)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, p_ref, p_new)
+  params = _perturb(p_ref)
+  np.testing.assert_allclose(new.apply(params, x), ref.apply(params, x), atol=1e-5, rtol=1e-5)
+  ct = _images(1, ref.apply(params, x).shape)
+
+  def second_order(model):
+    def inner(p, xx):
+      return jnp.sum(jnp.sin(model.apply(p, xx)) * ct)
+    return jax.grad(lambda p: jnp.sum(jax.grad(inner, argnums=1)(p, x) ** 2))(params)
+
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4),
+                         second_order(ref), second_order(new))
+
+
+def test_resblock_params_keep_the_flax_conv_layout():
+  # Checkpoints written before layers.Conv must still load: the 1x1 skip is still a conv kernel.
+  block = layers.ResBlock(12, num_groups=4)
+  shapes = jax.eval_shape(lambda: block.init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, 8))))
+  p = shapes["params"]
+  assert p["skip"]["kernel"].shape == (1, 1, 8, 12) and p["skip"]["bias"].shape == (12,)
+  assert p["conv_0"]["kernel"].shape == (3, 3, 8, 12)
+  assert p["norm_0"]["GroupNorm_0"]["scale"].shape == (8,)
+
+
+def test_recommended_compiler_options_compile_and_keep_the_result():
+  from sami_jax.models import xla_options  # pylint: disable=g-import-not-at-top
+  assert xla_options.recommended_compiler_options("gpu") == {}
+  assert xla_options.recommended_xla_flags("tpu") == ""
+  opts = xla_options.recommended_compiler_options("cpu")
+  assert opts and all(k.startswith("xla_cpu_") for k in opts)
+  x, w = _images(0, (2, 8, 8, 20)), _images(1, (3, 3, 20, 20))
+  f = jax.jit(jax.grad(lambda w: jnp.sum(jnp.sin(jax.lax.conv_general_dilated(
+      x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))))))
+  # This JAX's XLA accepts every option (an unknown name or enum value is an error here).
+  got = f.lower(w).compile(compiler_options=xla_options.recommended_compiler_options())(w)
+  np.testing.assert_allclose(got, f(w), rtol=1e-4, atol=1e-4)
+
+
+def test_run_once_compiler_options_give_the_same_init():
+  from sami_jax.models import xla_options  # pylint: disable=g-import-not-at-top
+  assert xla_options.run_once_compiler_options("gpu") == {}
+  config = _tiny_config()
+  init = jax.jit(functools.partial(models.init_params, config))
+  key = jax.random.PRNGKey(5)
+  fast = init.lower(key).compile(
+      compiler_options=xla_options.run_once_compiler_options("cpu"))(key)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                         init(key), fast)
+
+
 # ------------------------------------------------------------------------------- U-Net
 
 

@@ -177,7 +177,8 @@ class Encoder(nn.Module):
           h = layers.AttentionBlock(self.num_heads, self.num_groups, dt,
                                     name=f"down_{i}_attn_{j}")(h)
       if i != len(self.ch_mult) - 1:
-        h = layers.Downsample(dt, name=f"down_{i}_downsample")(h)
+        # As patches: this conv is differentiated twice (see layers.Conv).
+        h = layers.Downsample(dt, patches=True, name=f"down_{i}_downsample")(h)
 
     h = nn.silu(layers.GroupNorm(self.num_groups, dt, name="norm_out")(h))
     width = h.shape[-1]

@@ -95,11 +95,74 @@ class TimeEmbedding(nn.Module):
     return h
 
 
+class Conv(nn.Module):
+  """A square convolution with "SAME" padding: nn.Conv's parameters, computed for XLA.
+
+  The parameters are nn.Conv's exactly (names "kernel" [k, k, C_in, features] and "bias"
+  [features], the same initialisers, created in the same order), so checkpoints and inits are
+  interchangeable with nn.Conv(features, (k, k), strides, padding="SAME"). What differs is the
+  program XLA sees; the products summed are the same, only float32 rounding differs:
+
+  - k == 1: a dot over the channel axis. As a convolution, XLA:CPU turns its weight gradient
+    into a convolution with a window as large as the feature map, plus transposes into the
+    layout that needs.
+  - patches=True: one dot over extracted [B, H', W', k*k*C_in] patches (im2col). Every derivative
+    of it, to any order, is again dots, slices and pads. Used for the encoder's strided
+    convolutions: its second derivative (SAMI differentiates the guidance score, itself a gradient
+    of the encoder) is, as a convolution, a kernel-dilated, reversed convolution that XLA:CPU
+    runs on its generic loop emitter: the encoder's two downsamples took ~6% of a SAMI step for
+    ~1% of its FLOPs (benchmarks/README.md). With stride 2 the patches hold only 2.25x the
+    input, so the forward pass costs little more.
+  - otherwise: lax.conv_general_dilated in NHWC / HWIO, as nn.Conv.
+  """
+  features: int
+  kernel_size: int = 3
+  strides: int = 1
+  dtype: Dtype = jnp.float32
+  zero_init: bool = False
+  patches: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [B, H, W, C_in] -> [B, ceil(H / strides), ceil(W / strides), features] in `dtype`."""
+    chex.assert_rank(x, 4)
+    k, s = self.kernel_size, self.strides
+    kernel_init = zeros_init if self.zero_init else nn.linear.default_kernel_init
+    kernel = self.param("kernel", kernel_init, (k, k, x.shape[-1], self.features), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+    x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
+    if k == 1 and s == 1:
+      y = jnp.einsum("bhwc,co->bhwo", x, kernel[0, 0])
+    elif self.patches:
+      y = jnp.einsum("bhwk,ko->bhwo", extract_patches(x, k, s),
+                     kernel.reshape(k * k * x.shape[-1], self.features))
+    else:
+      y = jax.lax.conv_general_dilated(x, kernel, (s, s), "SAME",
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y + bias
+
+
+def extract_patches(x: jax.Array, k: int, stride: int) -> jax.Array:
+  """The k x k "SAME"-padded patches of x at the given stride, flattened (im2col).
+
+  Args:
+    x: [B, H, W, C].
+  Returns:
+    [B, ceil(H / stride), ceil(W / stride), k * k * C]: patch element (i, j, c) at index
+    (i * k + j) * C + c, i.e. matching an HWIO kernel reshaped to [k * k * C, features].
+  """
+  b, h, w, c = x.shape
+  (ph0, ph1), (pw0, pw1) = jax.lax.padtype_to_pads((h, w), (k, k), (stride, stride), "SAME")
+  xp = jnp.pad(x, ((0, 0), (ph0, ph1), (pw0, pw1), (0, 0)))
+  ho, wo = -(-h // stride), -(-w // stride)
+  cols = [xp[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride, :]
+          for i in range(k) for j in range(k)]
+  return jnp.concatenate(cols, axis=-1)
+
+
 def conv3x3(features: int, dtype: Dtype, name: str | None = None, strides: int = 1,
-            zero: bool = False) -> nn.Conv:
-  return nn.Conv(features, (3, 3), strides=(strides, strides), padding="SAME", dtype=dtype,
-                 param_dtype=jnp.float32, kernel_init=zeros_init if zero else
-                 nn.linear.default_kernel_init, name=name)
+            zero: bool = False, patches: bool = False) -> Conv:
+  return Conv(features, 3, strides, dtype, zero_init=zero, patches=patches, name=name)
 
 
 class ResBlock(nn.Module):
@@ -144,8 +207,7 @@ class ResBlock(nn.Module):
     h = nn.Dropout(self.dropout)(h, deterministic=not train)
     h = conv3x3(self.out_ch, self.dtype, name="conv_1", zero=True)(h)
     if x.shape[-1] != self.out_ch:
-      x = nn.Conv(self.out_ch, (1, 1), dtype=self.dtype, param_dtype=jnp.float32,
-                  name="skip")(x)
+      x = Conv(self.out_ch, 1, dtype=self.dtype, name="skip")(x)
     out = x + h
     chex.assert_shape(out, (b, *x.shape[1:3], self.out_ch))
     return out
@@ -187,14 +249,20 @@ class AttentionBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-  """Strided 3x3 conv: [B, H, W, C] -> [B, H/2, W/2, C]."""
+  """Strided 3x3 conv: [B, H, W, C] -> [B, H/2, W/2, C].
+
+  patches: compute it as a matmul over extracted patches (see `Conv`); for a network that is
+  differentiated twice (the encoder).
+  """
   dtype: Dtype = jnp.float32
+  patches: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     chex.assert_rank(x, 4)
     b, hh, ww, c = x.shape
-    out = conv3x3(c, self.dtype, name="conv", strides=2)(x.astype(self.dtype))
+    out = conv3x3(c, self.dtype, name="conv", strides=2,
+                  patches=self.patches)(x.astype(self.dtype))
     chex.assert_shape(out, (b, hh // 2, ww // 2, c))
     return out
 
