@@ -49,7 +49,7 @@ def api() -> types.SimpleNamespace:
         jit_train_step=train_state.jit_train_step,
         create_sharded_state=train_state.create_sharded_state,
         components=inference.components,
-        restore_for_inference=getattr(inference, "restore_for_inference", None))
+        restore_for_inference=lambda config, workdir: inference.restore(workdir, given=config))
   from sami_jax import train  # pylint: disable=g-import-not-at-top
   return types.SimpleNamespace(
       init_state=train.init_state, make_train_step=train.make_train_step,
@@ -198,7 +198,7 @@ def compiler_options(spec: str) -> dict[str, Any]:
   """The XLA options a benchmark adds to the project's own jit (--xla_options).
 
   "jit": none (the step compiles exactly as the project compiles it); "recommended": the
-  options `sami_jax.models.xla_options.recommended_compiler_options()` gives for the default
+  options `sami_jax.utils.xla_options.recommended_compiler_options()` gives for the default
   backend (none in a tree that predates it); otherwise a JSON object of XLA debug options, e.g.
   '{"xla_cpu_experimental_ynn_fusion_type": ""}'.
   """
@@ -207,7 +207,7 @@ def compiler_options(spec: str) -> dict[str, Any]:
   if spec == "recommended":
     if not _package_has(os.path.join("models", "xla_options.py")):
       return {}
-    from sami_jax.models import xla_options  # pylint: disable=g-import-not-at-top
+    from sami_jax.utils import xla_options  # pylint: disable=g-import-not-at-top
     return xla_options.recommended_compiler_options()
   try:
     value = json.loads(spec)

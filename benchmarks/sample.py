@@ -36,36 +36,35 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Use this run's checkpoint (defa
 def main(argv):
   del argv
   import jax  # pylint: disable=g-import-not-at-top
+  from sami_jax import inference  # pylint: disable=g-import-not-at-top
   from sami_jax import models as models_lib  # pylint: disable=g-import-not-at-top
   from sami_jax import samplers  # pylint: disable=g-import-not-at-top
-  project = common.api()
 
   config = _CONFIG.value
   if _WORKDIR.value:
-    config, params, step = project.restore_for_inference(config, _WORKDIR.value)
+    config, params, step = inference.restore(_WORKDIR.value, given=config)
     source = f"{_WORKDIR.value} step {step}"
   else:
-    params = models_lib.init_params(config, jax.random.PRNGKey(config.seed))
+    params = models_lib.initialize(config, jax.random.PRNGKey(config.seed))
     source = "random init"
-  denoiser, encoder, schedule = project.components(config)
+  comp = inference.components(config)
   b, n = _BATCH.value, _SAMPLING_STEPS.value
-  kw = dict(schedule=schedule, steps=n, sampler="ddim", eta=0.0,
-            gamma=config.sampling.guidance_scale,
-            time_conditioning=config.model.encoder.time_conditioning)
   x0 = jax.numpy.asarray(common.synthetic_batch(config, b)["image"])
   rng = jax.random.PRNGKey(0)
   # One device: sampling is per-example work; several devices would only split the batch.
-  recon = jax.jit(lambda p, x, r: samplers.reconstruct(denoiser, encoder, p, x, r,
-                                                       use_mean=True, **kw))
-  z = jax.numpy.zeros((b, 1))
-  uncond = jax.jit(lambda p, zz, r: samplers.generate(denoiser, None, p, zz, r,
-                                                      image_shape=tuple(x0.shape[1:]), **kw))
+  recon = jax.jit(lambda p, x, r: inference.reconstruct(
+      comp, p, x, r, steps=n, gamma=config.sampling.guidance_scale))
+  uncond = jax.jit(lambda p, r: samplers.generate(
+      samplers.unconditional_eps_fn(comp.image_model, p), comp.schedule, b,
+      comp.image_shape, r, steps=n, sampler="ddim", eta=0.0))
 
   result = {"benchmark": "sample", "device": common.device_info(), "params": source,
-            "batch": b, "sampler": f"ddim-{n}", "image_shape": list(x0.shape[1:]),
-            "dtype": config.model.dtype}
-  for name, fn, args in (("reconstruct", recon, (params, x0, rng)),
-                         ("generate_unguided", uncond, (params, z, rng))):
+            "kind": config.model.kind, "batch": b, "sampler": f"ddim-{n}",
+            "image_shape": list(x0.shape[1:]), "dtype": config.model.dtype}
+  timed = [("reconstruct", recon, (params, x0, rng))]
+  if comp.kind.image_model == "denoiser":
+    timed.append(("generate_unguided", uncond, (params, rng)))
+  for name, fn, args in timed:
     compiled, compile_s, _ = common.compile_with_cost(fn, *args)
     stats = common.time_calls(lambda c=compiled, a=args: c(*a), warmup=1,
                               iters=_REPEATS.value)
@@ -73,8 +72,9 @@ def main(argv):
     result[name] = {"compile_s": compile_s, "call_time": stats, "images_per_sec": b / sec,
                     "seconds_per_reverse_step": sec / n}
   result["reconstructions_per_sec"] = result["reconstruct"]["images_per_sec"]
-  result["guided_over_unguided_time"] = (result["reconstruct"]["call_time"]["median_s"] /
-                                         result["generate_unguided"]["call_time"]["median_s"])
+  if "generate_unguided" in result:
+    result["guided_over_unguided_time"] = (result["reconstruct"]["call_time"]["median_s"] /
+                                           result["generate_unguided"]["call_time"]["median_s"])
   result["memory"] = common.memory_report()
   common.emit(result)
 

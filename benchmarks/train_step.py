@@ -26,7 +26,7 @@ the paired fractions (paired_step_time_over_flops: not thrown off by load that c
 the two kinds' measurements).
 
 --xla_options: "jit" (default) times the step exactly as the project compiles it;
-"recommended" adds sami_jax.models.xla_options.recommended_compiler_options(); a JSON object adds
+"recommended" adds sami_jax.utils.xla_options.recommended_compiler_options(); a JSON object adds
 those XLA debug options. Data are synthetic (uniform noise images): the input pipeline is not
 part of the figure (benchmarks/input_pipeline.py measures it). Importing this file runs nothing.
 """

@@ -164,7 +164,7 @@ def test_resblock_params_keep_the_flax_conv_layout():
 
 
 def test_recommended_compiler_options_compile_and_keep_the_result():
-  from sami_jax.models import xla_options  # pylint: disable=g-import-not-at-top
+  from sami_jax.utils import xla_options  # pylint: disable=g-import-not-at-top
   assert xla_options.recommended_compiler_options("gpu") == {}
   assert xla_options.recommended_xla_flags("tpu") == ""
   opts = xla_options.recommended_compiler_options("cpu")
@@ -178,7 +178,7 @@ def test_recommended_compiler_options_compile_and_keep_the_result():
 
 
 def test_run_once_compiler_options_give_the_same_init():
-  from sami_jax.models import xla_options  # pylint: disable=g-import-not-at-top
+  from sami_jax.utils import xla_options  # pylint: disable=g-import-not-at-top
   assert xla_options.run_once_compiler_options("gpu") == {}
   config = _tiny_config()
   init = jax.jit(functools.partial(models.init_params, config))

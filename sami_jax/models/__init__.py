@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from sami_jax import kinds
+from sami_jax.utils import xla_options
 from sami_jax.models.decoder import ConvDecoder
 from sami_jax.models.encoder import Encoder
 from sami_jax.models.unet import UNet
@@ -91,10 +92,10 @@ def init_compiler_options() -> dict[str, Any]:
   XLA:CPU's optimising backend spends about 2 s per random-number kernel (the threefry bits
   behind every parameter's initialiser): 55 s for the init of a two-level U-Net against a few
   seconds for its train step (jax 0.12, this project's 2-core CPU). Initialisation runs once, so
-  it is compiled without backend optimisation (a few seconds); its values agree with the
-  optimised program's to float32 rounding (the normal transform rounds differently).
+  it is compiled without LLVM's optimisations (`xla_options.run_once_compiler_options`: a few
+  seconds); its values agree with the optimised program's to float32 rounding.
   """
-  return {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else {}
+  return xla_options.run_once_compiler_options(jax.default_backend())
 
 
 def initialize(config, rng: jax.Array) -> dict[str, Any]:

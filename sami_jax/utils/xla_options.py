@@ -16,11 +16,24 @@ Two ways to apply the recommended options, both before the program is compiled:
   - per jitted function: `jax.jit(f, compiler_options=recommended_compiler_options())`;
   - for the whole process: append `recommended_xla_flags()` to the XLA_FLAGS environment variable
     before JAX initialises its CPU backend (XLA reads XLA_FLAGS once).
+
+The project does the second for every process that imports it (`import sami_jax` calls
+`apply_process_flags`), so the train step, samplers, evaluation and the API all get it. It is
+skipped when XLA_FLAGS already names the option (yours wins), when SAMI_JAX_XLA_FLAGS=off, and for
+jaxlib versions it was not measured on (an unknown flag in XLA_FLAGS aborts XLA). It has no effect
+if JAX's CPU backend was started before `sami_jax` was imported.
+
+This module imports JAX only inside the functions that need a backend.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
+
+# jaxlib releases whose XLA:CPU knows the flag and was measured faster with it (jax 0.10, 0.12).
+_MEASURED_JAXLIB = ((0, 10), (0, 11), (0, 12))
+_OPT_OUT = "SAMI_JAX_XLA_FLAGS"
 
 # LIBRARY_FUSION_TYPE_* values: XLA's default list is INDIVIDUAL_DOT, INDIVIDUAL_CONVOLUTION and
 # REDUCE (in both jax 0.10 and 0.12); this is that list without INDIVIDUAL_CONVOLUTION.
@@ -73,3 +86,35 @@ def run_once_compiler_options(platform: str | None = None) -> dict[str, Any]:
     return {}
   return {**recommended_compiler_options("cpu"), "xla_backend_optimization_level": 0,
           "xla_llvm_disable_expensive_passes": True}
+
+
+def _jaxlib_minor() -> tuple[int, int] | None:
+  from importlib import metadata  # pylint: disable=g-import-not-at-top
+  try:
+    parts = metadata.version("jaxlib").split(".")
+    return int(parts[0]), int(parts[1])
+  except (metadata.PackageNotFoundError, ValueError, IndexError):
+    return None
+
+
+def apply_process_flags(environ: dict[str, str] | None = None) -> bool:
+  """Appends `recommended_xla_flags()` to XLA_FLAGS for this process (and its subprocesses).
+
+  Args:
+    environ: the environment to change (default os.environ; a dict in tests).
+  Returns:
+    Whether the flag was added. Not added when XLA_FLAGS already mentions the option, when
+    SAMI_JAX_XLA_FLAGS is "off"/"0"/"false", or when the installed jaxlib is not one it was
+    measured on. Only CPU compiles read it; GPU and TPU ignore it.
+  """
+  env = os.environ if environ is None else environ
+  if env.get(_OPT_OUT, "").strip().lower() in ("off", "0", "false", "no"):
+    return False
+  flags = env.get("XLA_FLAGS", "")
+  if "xla_cpu_experimental_ynn_fusion_type" in flags:
+    return False
+  if _jaxlib_minor() not in _MEASURED_JAXLIB:
+    return False
+  env["XLA_FLAGS"] = (flags + " " + recommended_xla_flags("cpu")).strip()
+  return True
+
