@@ -46,8 +46,10 @@ def api() -> types.SimpleNamespace:
     from sami_jax import train_state  # pylint: disable=g-import-not-at-top
     return types.SimpleNamespace(
         init_state=train_state.init_state, make_train_step=train_state.make_train_step,
-        jit_train_step=train_state.jit_train_step,
-        create_sharded_state=train_state.create_sharded_state,
+        jit_train_step=lambda config, mesh, shardings: train_state.jit_train_step(config, mesh),
+        create_sharded_state=lambda config, mesh: (
+            train_state.create_sharded_state(config, mesh),
+            train_state.state_shardings(config, mesh)),
         components=inference.components,
         restore_for_inference=lambda config, workdir: inference.restore(workdir, given=config))
   from sami_jax import train  # pylint: disable=g-import-not-at-top
