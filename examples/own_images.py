@@ -58,9 +58,9 @@ def main(argv: list[str] | None = None) -> str:
   paths, batch = load_some(args.folder, args.num_images, size, channels)  # uint8 NHWC
   mean, std = model.encode(batch)
   print(f"encoded {len(paths)} images {list(batch.shape)} -> latent means {list(mean.shape)}")
-  print("  first image's latent mean:", np.round(mean[0], 3).tolist())
+  print("  first image's latent mean:", [round(float(v), 3) for v in mean[0]])
   if std is not None:
-    print("  its posterior std:        ", np.round(std[0], 3).tolist())
+    print("  its posterior std:        ", [round(float(v), 3) for v in std[0]])
 
   # 3. Reconstruct them (with the run's sampling settings, config.sampling).
   recon = model.reconstruct(batch, seed=0)

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import logging as std_logging
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -79,6 +80,20 @@ class LocalBuilder(tfds.core.GeneratorBasedBuilder):
 
   def _log_download_done(self) -> None:
     logging.info("Dataset %s is ready in %s.", self.name, self.data_dir)
+
+
+class _OwnConfigNotice:
+  """Drops TFDS's "Using custom data configuration: ..." warning, which every build of our own
+  datasets triggers (they pass a config object built from the run's settings): not news."""
+
+  def filter(self, record) -> bool:
+    try:
+      return not str(record.msg).startswith("Using custom data configuration")
+    except Exception:  # pylint: disable=broad-except  (a malformed record: let it through)
+      return True
+
+
+std_logging.getLogger("absl").addFilter(_OwnConfigNotice())  # TFDS logs through absl's logger
 
 
 def make_builder(builder_cls: type[tfds.core.GeneratorBasedBuilder],
