@@ -213,9 +213,11 @@ class Schedule:
 
   def logsnr_range(self) -> tuple[float, float]:
     """(lambda_1, lambda_0) = (logsnr(1), logsnr(0)) as Python floats: the range training with
-    "logsnr" sampling and the bound cover."""
-    return (float(self.logsnr(jnp.ones((), jnp.float32))),
-            float(self.logsnr(jnp.zeros((), jnp.float32))))
+    "logsnr" sampling and the bound cover. Evaluated eagerly, also while a jitted function
+    (the train step) is being traced: they are constants of the schedule."""
+    with jax.ensure_compile_time_eval():
+      return (float(self.logsnr(jnp.ones((), jnp.float32))),
+              float(self.logsnr(jnp.zeros((), jnp.float32))))
 
 
 def from_config(config) -> Schedule:

@@ -228,3 +228,17 @@ def test_logsnr_sampling_is_uniform_in_lambda_with_the_constant_elbo_weight():
   # Uniform on [lam1, lam0]: each tenth of the range holds a tenth of the draws (binomial error).
   counts, _ = np.histogram(lam, bins=10, range=(lam1, lam0))
   np.testing.assert_allclose(counts / len(lam), 0.1, atol=4 * math.sqrt(0.09 / len(lam)))
+
+
+@pytest.mark.parametrize("sampling", ["uniform", "antithetic", "high_noise", "logsnr"])
+@pytest.mark.parametrize("importance_weighting", [False, True])
+def test_time_sampling_traces_inside_jit(sampling, importance_weighting):
+  """The train step draws its times inside jax.jit: every scheme must trace there (the logsnr
+  scheme's range once went through float() on a traced value) and give the eager draws."""
+  sched = schedules.Schedule(kind="cosine", time_sampling=sampling,
+                             importance_weighting=importance_weighting)
+  key = jax.random.PRNGKey(3)
+  t_jit, w_jit = jax.jit(lambda k: sched.sample_times(k, 64, "elbo"))(key)
+  t, w = sched.sample_times(key, 64, "elbo")
+  np.testing.assert_allclose(np.asarray(t_jit), np.asarray(t), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(np.asarray(w_jit), np.asarray(w), rtol=1e-5)
