@@ -31,6 +31,7 @@ from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sami_jax import checkpoint as ckpt_lib
+from tests.test_checkpoint import _assert_state_equal
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -93,13 +94,6 @@ def _save_steps(directory, steps) -> None:
     ck.save(s, _device_state(_host_state(s), mesh), config={"s": s},
             data_position={"step": s, "seed": 0})
   ck.close()
-
-
-def _assert_state_equal(restored, expected) -> None:
-  got = jax.tree.map(np.asarray, restored)
-  assert jax.tree.structure(got) == jax.tree.structure(expected)
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
-    np.testing.assert_array_equal(a, b)
 
 
 def _warnings(caplog) -> str:

@@ -136,12 +136,17 @@ def test_logsnr_matches_float64_closed_form_up_to_both_ends(kind):
   assert np.all(np.isfinite(w)) and np.all(w >= 0), w
 
 
+def _lam_grid(lo: float, hi: float) -> np.ndarray:
+  """float32 lambdas over [lo, hi], dense near both ends."""
+  return np.concatenate([np.linspace(lo, hi, 2001), hi - np.geomspace(1e-6, 1, 40),
+                         lo + np.geomspace(1e-6, 1, 40)]).astype(np.float32)
+
+
 @pytest.mark.parametrize("kind", ["cosine", "linear"])
 def test_t_from_logsnr_matches_float64_inverse(kind):
   s = schedules.Schedule(kind=kind)
   lo, hi = _range(kind)
-  lam = np.concatenate([np.linspace(lo, hi, 2001), hi - np.geomspace(1e-6, 1, 40),
-                        lo + np.geomspace(1e-6, 1, 40)]).astype(np.float32)
+  lam = _lam_grid(lo, hi)
   want = _ref_t(kind, lam)
   got = np.asarray(s.t_from_logsnr(lam), np.float64)
   ulp = np.spacing(want.astype(np.float32)).astype(np.float64)
@@ -172,8 +177,7 @@ def test_t_to_logsnr_to_t_round_trip(kind):
 def test_logsnr_to_t_to_logsnr_round_trip(kind):
   s = schedules.Schedule(kind=kind)
   lo, hi = _range(kind)
-  lam = np.concatenate([np.linspace(lo, hi, 2001), hi - np.geomspace(1e-6, 1, 40),
-                        lo + np.geomspace(1e-6, 1, 40)]).astype(np.float32)
+  lam = _lam_grid(lo, hi)
   t = np.asarray(s.t_from_logsnr(lam))
   back = np.asarray(s.logsnr(t), np.float64)
   # float32 t cannot do better than |dlambda/dt| * ulp(t) (near t = 1 that is ~4e-3: lambda moves
