@@ -443,6 +443,17 @@ _RULES = {
 }
 
 
+# Fields that say where data lives or how to evaluate and sample: they change nothing about the
+# training (a resume may change them; the compiled train step does not depend on them).
+NOT_TRAINING = ("data.data_dir", "data.manual_dir", "data.num_workers", "data.prefetch", "eval.",
+                "sampling.", "latent_prior.")
+
+
+def training_fields(c: ml_collections.ConfigDict) -> dict[str, object]:
+  """`flat_fields` without the fields of NOT_TRAINING."""
+  return {k: v for k, v in flat_fields(c).items() if not k.startswith(NOT_TRAINING)}
+
+
 def flat_fields(c: ml_collections.ConfigDict, prefix: str = "") -> dict[str, object]:
   """{dotted field name: value} of every leaf field of a config."""
   out = {}

@@ -99,6 +99,7 @@ class _Run:
   start_step: int
   is_main: bool
   grid_images: np.ndarray | None = None
+  pending_step: Any = None  # the train step being loaded from disk, if a previous run saved it
 
 
 # ------------------------------------------------------------------------------ set-up
@@ -150,20 +151,14 @@ def _put_pretrained_denoiser(state, denoiser, shardings):
   return state
 
 
-# Fields that say where data lives or how to evaluate and sample: changing them on a resume
-# changes nothing about the training.
-_RESUME_IGNORED = ("data.data_dir", "data.manual_dir", "data.num_workers", "data.prefetch",
-                   "eval.", "sampling.", "latent_prior.")
-
-
 def _check_resume_config(config, saved: dict) -> None:
   """Compares the config with the one the checkpoint was trained with: refuses changes that
   change the state's shapes (naming the fields), warns about every other change."""
   if not saved:
     return
   before = configlib.from_json(saved)
-  old, new = configlib.flat_fields(before), configlib.flat_fields(config)
-  changed = sorted(k for k in new if old.get(k) != new[k] and not k.startswith(_RESUME_IGNORED))
+  old, new = configlib.training_fields(before), configlib.training_fields(config)
+  changed = sorted(k for k in new if old.get(k) != new[k])
   if not changed:
     return
   described = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in changed)
@@ -179,13 +174,10 @@ def _check_resume_config(config, saved: dict) -> None:
 def _restore_or_init(config, mesh, checkpointer) -> tuple[Any, int]:
   """(state, start step): the newest intact checkpoint, or a fresh state. Everything that can be
   checked without compiling is checked first."""
-  abstract = train_state.abstract_state(config)
-  shardings = train_state.state_shardings(config, mesh)
+  types = train_state.state_types(config, mesh)  # shapes, dtypes and shardings
   if checkpointer.latest_step() is not None:
     _check_resume_config(config, checkpointer.restore_config())
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, shardings)
-    state, _, data_pos, start_step = checkpointer.restore(target)
+    state, _, data_pos, start_step = checkpointer.restore(types)
     logging.info("Resumed from step %d.", start_step)
     if data_pos.get("seed", config.seed) != config.seed:
       logging.warning("The checkpoint was trained with seed %s, this config says %s: the data "
@@ -195,7 +187,8 @@ def _restore_or_init(config, mesh, checkpointer) -> tuple[Any, int]:
   denoiser = _read_pretrained_denoiser(config) if kind.needs_denoiser_checkpoint else None
   state = train_state.create_sharded_state(config, mesh)
   if denoiser is not None:
-    state = _put_pretrained_denoiser(state, denoiser, shardings)
+    state = _put_pretrained_denoiser(state, denoiser,
+                                     jax.tree.map(lambda t: t.sharding, types))
     logging.info("Restored the frozen denoiser from %s.", config.model.denoiser_checkpoint)
   return state, 0
 
@@ -271,7 +264,7 @@ def _stop_requested(preemption: _Preemption, step: int, log_every: int) -> bool:
 def _loop(run: _Run) -> tuple[int, bool]:
   """Steps until train.num_steps (or a preemption); returns (step reached, preempted)."""
   t = run.config.train
-  step_fn = train_state.jit_train_step(run.config, run.mesh)
+  step_fn = None  # compiled (or loaded: run.pending_step) for the first batch's types
   progress = writers_lib.Progress(t.num_steps, run.start_step)
   run.grid_images = inference.grid_images(run.config, "test", t.num_sample_images)
   data_iter = pipeline.train_iterator(run.config, start_step=run.start_step,
@@ -281,6 +274,9 @@ def _loop(run: _Run) -> tuple[int, bool]:
   with _Preemption() as preemption:
     while step < t.num_steps:
       batch = sharding_lib.global_batch(next(data_iter), run.mesh)
+      if step_fn is None:
+        step_fn = train_state.compiled_train_step(run.config, run.mesh, run.state, batch,
+                                                  run.pending_step)
       run.state, metrics = step_fn(run.state, batch)
       history.append((step, metrics))
       step += 1
@@ -327,9 +323,13 @@ def _train_locked(config, workdir: str, is_main: bool) -> dict[str, Any]:
                                        keep_every=config.train.keep_every)
   writer = None
   try:
+    # Loads (in the background) the step a previous run of this config saved, while the state
+    # is created or restored.
+    pending_step = train_state.begin_train_step(config, mesh)
     state, start_step = _restore_or_init(config, mesh, checkpointer)
     writer = writers_lib.MetricWriter(workdir, enabled=is_main)
-    run = _Run(config, workdir, mesh, checkpointer, writer, state, start_step, is_main)
+    run = _Run(config, workdir, mesh, checkpointer, writer, state, start_step, is_main,
+               pending_step=pending_step)
     step, preempted = _loop(run)
   except BaseException:
     # A save started before the failure (the last good step) runs in a background thread that
@@ -362,8 +362,7 @@ def _train_locked(config, workdir: str, is_main: bool) -> dict[str, Any]:
 def _finish(run: _Run, step: int, t_start: float) -> dict[str, Any]:
   """End-of-run grids and probe, and summary.json."""
   _grids(run, step, run.grid_images)
-  counts = {k: models_lib.count_params(v)
-            for k, v in train_state.abstract_state(run.config)["params"].items()}
+  counts = {k: models_lib.count_params(v) for k, v in run.state["params"].items()}
   summary: dict[str, Any] = {"step": step, "wall_time_s": time.time() - t_start,
                              "params": counts}
   if run.config.train.probe_at_end:

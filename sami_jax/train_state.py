@@ -11,6 +11,7 @@ clipping, Adam, EMA and the non-finite guard all happen inside it; nothing goes 
 from __future__ import annotations
 
 import functools
+import json
 from typing import Any
 
 import jax
@@ -24,6 +25,7 @@ from sami_jax import models as models_lib
 from sami_jax import rngs
 from sami_jax import schedules
 from sami_jax import sharding as sharding_lib
+from sami_jax.utils import compile_cache
 
 State = dict[str, Any]
 
@@ -150,6 +152,50 @@ def jit_train_step(config: ml_collections.ConfigDict, mesh):
   return _jit_train_step(configlib.frozen(config), mesh)
 
 
+def _program_description(config: ml_collections.ConfigDict) -> str:
+  """What the traced init and train step depend on besides their arguments' types: the training
+  fields of the config (not the seed: the PRNG key is an argument / part of the state)."""
+  fields = configlib.training_fields(config)
+  fields.pop("seed", None)
+  return json.dumps(fields, sort_keys=True, default=repr)
+
+
+def begin_train_step(config: ml_collections.ConfigDict, mesh) -> compile_cache.Pending:
+  """Starts loading the train step a previous run of this config, code and jax saved (in a
+  background thread); `compiled_train_step` picks it up. Call it early: the load (seconds at the
+  quick-start size) then overlaps the state's creation and the data pipeline's start."""
+  return compile_cache.begin("train_step", _program_description(config),
+                             (state_types(config, mesh),), mesh.devices.flat)
+
+
+def compiled_train_step(config: ml_collections.ConfigDict, mesh, state: State, batch,
+                        pending: compile_cache.Pending | None = None):
+  """`jit_train_step` compiled for these arguments' types: loaded from disk when a previous run
+  saved it (see utils/compile_cache), without tracing, else compiled and saved for the next."""
+  types = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                       (state, batch))
+  pending = pending or begin_train_step(config, mesh)
+  return pending.result(lambda: jit_train_step(config, mesh), types)
+
+
+def _init_executable(config: ml_collections.ConfigDict, mesh):
+  """The jitted state creation, compiled without LLVM optimisation (it runs once) or loaded."""
+  rng = jax.random.PRNGKey(config.seed)
+
+  def make():
+    return jax.jit(lambda r: init_state(config, r), out_shardings=state_shardings(config, mesh),
+                   compiler_options=models_lib.init_compiler_options() or None)
+  return compile_cache.load_or_compile(make, (rng,), name="init",
+                                       description=_program_description(config),
+                                       devices=mesh.devices.flat)
+
+
+def state_types(config: ml_collections.ConfigDict, mesh) -> State:
+  """The state's shapes, dtypes and shardings (jax.ShapeDtypeStruct leaves), read from the state
+  creation's executable (loaded from disk on a second run: nothing is traced)."""
+  return _init_executable(config, mesh).out_info
+
+
 def state_shardings(config: ml_collections.ConfigDict, mesh) -> State:
   """The NamedSharding of every state leaf (FSDP rules of sharding.py)."""
   return sharding_lib.state_shardings(abstract_state(config), mesh, config)
@@ -157,6 +203,4 @@ def state_shardings(config: ml_collections.ConfigDict, mesh) -> State:
 
 def create_sharded_state(config: ml_collections.ConfigDict, mesh) -> State:
   """The initial state, created directly with its final shardings (no host copy)."""
-  init = jax.jit(lambda rng: init_state(config, rng), out_shardings=state_shardings(config, mesh),
-                 compiler_options=models_lib.init_compiler_options() or None)
-  return init(jax.random.PRNGKey(config.seed))
+  return _init_executable(config, mesh)(jax.random.PRNGKey(config.seed))

@@ -14,6 +14,8 @@ import tensorflow_datasets as tfds
 from sami_jax import checkpoint as ckpt_lib
 from sami_jax import inference
 from sami_jax import train
+from sami_jax import train_state
+from sami_jax.utils import compile_cache
 from tests.test_config import ROOT, load_config
 
 
@@ -113,6 +115,31 @@ def test_resume_is_exact(runs, tmp_path):
   m_full = {m["step"]: m["loss"] for m in _metrics(full)}
   m_split = {m["step"]: m["loss"] for m in _metrics(split)}
   np.testing.assert_allclose(m_full[4], (m_split[3] + m_split[4]) / 2, rtol=1e-6)
+
+
+def test_a_second_run_loads_the_saved_train_step_and_resumes_exactly(runs, tmp_path,
+                                                                     monkeypatch):
+  """The next process loads the train step a run saved, without tracing it, and it computes the
+  same steps: 2 steps, then a resume (executable loaded from disk) to 4 == 4 in one go."""
+  cache = tmp_path / "cache"
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(cache))
+  monkeypatch.setattr(compile_cache, "_IN_MEMORY", {})
+  full, split = str(tmp_path / "full"), str(tmp_path / "split")
+  train.train(_tiny(runs["data_dir"], 4), full)
+  train.train(_tiny(runs["data_dir"], 2), split)
+  assert len(list((cache / "executables").glob("train_step-*.bin"))) == 2
+  # As a new process: nothing in memory, so the 4-step program comes from its file.
+  monkeypatch.setattr(compile_cache, "_IN_MEMORY", {})
+  train_state._jit_train_step.cache_clear()
+  built = []
+  real = train_state.make_train_step
+  monkeypatch.setattr(train_state, "make_train_step", lambda c: built.append(c) or real(c))
+  assert train.train(_tiny(runs["data_dir"], 4), split)["step"] == 4
+  assert not built
+  _, p_full, _ = inference.restore(full)
+  _, p_split, _ = inference.restore(split)
+  for a, b in zip(jax.tree.leaves(p_full), jax.tree.leaves(p_split), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_celeba_without_data_says_how_to_prepare_it(tmp_path):

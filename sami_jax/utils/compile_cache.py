@@ -11,7 +11,12 @@ SAMI_JAX_CACHE_DIR=off disables it. The cache is safe to delete at any time.
 
 from __future__ import annotations
 
+import functools
 import os
+import threading
+from typing import Any
+
+from absl import logging
 
 # Programs that compile faster than this are not worth a disk round trip.
 MIN_COMPILE_TIME_S = 0.5
@@ -41,3 +46,240 @@ def enable() -> str | None:
   if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_TIME_S)
   return path
+
+
+# ------------------------------------------------------------------ whole executables on disk
+#
+# JAX's cache above saves the compile, but a second run still traces the train step (the guided
+# double backward through Flax: seconds) and lowers it to MLIR (to compute the cache key) before
+# it can look the executable up. For the few programs a run is waiting on (the train step), the
+# executable itself is saved next to that cache, under a key computed without tracing: the
+# caller's description of the program (e.g. its config), the shapes, dtypes and shardings of its
+# arguments, the devices, XLA_FLAGS, the jax/jaxlib versions and a digest of this package's
+# source. A changed model, config, jax, flag or line of sami_jax gives a new key; an entry that
+# cannot be read or loaded is ignored (and the program compiled as usual).
+
+_EXECUTABLES = "executables"
+# Executables kept per cache directory (least recently used removed first).
+MAX_EXECUTABLES = 16
+
+
+# JAX settings that change what a function traces to.
+_TRACE_FLAGS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_threefry_partitionable",
+                "jax_default_prng_impl", "jax_numpy_rank_promotion", "jax_dynamic_shapes")
+
+
+@functools.lru_cache(maxsize=1)
+def _source_digest() -> str:
+  """sha256 over every .py file of the sami_jax package (path and bytes)."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  h = hashlib.sha256()
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames.sort()
+    for name in sorted(filenames):
+      if name.endswith(".py"):
+        path = os.path.join(dirpath, name)
+        h.update(os.path.relpath(path, root).encode())
+        with open(path, "rb") as f:
+          h.update(f.read())
+  return h.hexdigest()
+
+
+def _arg_signature(args) -> str:
+  import jax  # pylint: disable=g-import-not-at-top
+  leaves, treedef = jax.tree.flatten(args)
+  parts = [str(treedef)]
+  for x in leaves:
+    sharding = getattr(x, "sharding", None)
+    parts.append(f"{tuple(x.shape)}|{x.dtype}|{sharding!r}")
+  return "\n".join(parts)
+
+
+def executable_key(name: str, description: str, args, devices) -> str:
+  """The file name under which the executable of `name` for these arguments and devices (in mesh
+  order) is kept."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jaxlib  # pylint: disable=g-import-not-at-top
+  all_devices = jax.devices()
+  parts = [name, description, _arg_signature(args), jax.__version__,
+           getattr(jaxlib, "__version__", "?"), os.environ.get("XLA_FLAGS", ""),
+           f"{jax.process_count()}|{jax.default_backend()}|"
+           f"{[(d.id, d.device_kind) for d in all_devices]}", f"{[d.id for d in devices]}",
+           _source_digest(),
+           repr([getattr(jax.config, f, None) for f in _TRACE_FLAGS])]
+  digest = hashlib.sha256("\n\n".join(parts).encode()).hexdigest()[:32]
+  return f"{name}-{digest}"
+
+
+def _executables_dir() -> str | None:
+  path = default_dir()
+  return None if path is None else os.path.join(path, _EXECUTABLES)
+
+
+def _load(path: str, devices) -> Any | None:
+  import pickle  # pylint: disable=g-import-not-at-top
+  from jax.experimental import serialize_executable  # pylint: disable=g-import-not-at-top
+  try:
+    with open(path, "rb") as f:
+      blob, in_tree, out_tree = pickle.load(f)
+    compiled = serialize_executable.deserialize_and_load(
+        blob, in_tree, out_tree, execution_devices=devices)
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning("Ignoring the saved executable %s (%s: %s); compiling instead.", path,
+                    type(e).__name__, e)
+    return None
+  try:
+    os.utime(path)  # most recently used
+  except OSError:
+    pass
+  return compiled
+
+
+def _accepts(compiled, args: tuple) -> bool:
+  """Whether `compiled` takes arguments of exactly these types (shapes, dtypes, shardings)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  leaves, treedef = jax.tree.flatten((tuple(args), {}))
+  if compiled.in_tree != treedef:
+    return False
+  avals = jax.tree.leaves(compiled.in_avals)
+  shardings = jax.tree.leaves(compiled.input_shardings, is_leaf=lambda x: x is None)
+  if not len(avals) == len(shardings) == len(leaves):
+    return False
+  for x, aval, sharding in zip(leaves, avals, shardings):
+    if tuple(x.shape) != tuple(aval.shape) or x.dtype != aval.dtype:
+      return False
+    if sharding is not None and not sharding.is_equivalent_to(x.sharding, len(x.shape)):
+      return False
+  return True
+
+
+def _save(path: str, compiled) -> None:
+  import pickle  # pylint: disable=g-import-not-at-top
+  from jax.experimental import serialize_executable  # pylint: disable=g-import-not-at-top
+  try:
+    blob, in_tree, out_tree = serialize_executable.serialize(compiled)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+      pickle.dump((blob, in_tree, out_tree), f, protocol=pickle.HIGHEST_PROTOCOL)
+    os.replace(tmp, path)
+  except Exception as e:  # pylint: disable=broad-except
+    # A cache that cannot be written (read-only home, full disk, a backend that cannot serialise)
+    # costs the next run its start-up time, nothing else.
+    logging.info("Could not save the executable %s (%s: %s).", path, type(e).__name__, e)
+    return
+  _evict(os.path.dirname(path))
+
+
+def _evict(directory: str) -> None:
+  try:
+    entries = sorted((os.path.getmtime(p), p) for p in
+                     (os.path.join(directory, n) for n in os.listdir(directory))
+                     if p.endswith(".bin"))
+    for _, p in entries[:-MAX_EXECUTABLES]:
+      os.remove(p)
+  except OSError:
+    pass
+
+
+# XLA:CPU (jax 0.10 and 0.12) cannot re-serialise an executable that JAX loaded from its own
+# cache: the copy saved from it fails at run time ("Function ... not found"). So the programs
+# saved here are always compiled afresh and kept out of JAX's cache: an option set to its default
+# (dumps are written only where xla_dump_to says) gives them their own JAX cache key, and nothing
+# is written under that key.
+_OWN_KEY_OPTION = {"xla_enable_dumping": True}
+
+
+def _compile_outside_jax_cache(lowered):
+  import jax  # pylint: disable=g-import-not-at-top
+  before = jax.config.jax_persistent_cache_min_compile_time_secs
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1e12)
+  try:
+    return lowered.compile(compiler_options=_OWN_KEY_OPTION)
+  finally:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", before)
+
+
+# Executables this process compiled or loaded, by key: a repeated run in the same process (a
+# test, `sami_jax.compare`) neither traces nor reads the file again.
+_IN_MEMORY: dict[str, Any] = {}
+
+
+class Pending:
+  """A program's executable, being read from disk in a background thread (XLA releases the GIL
+  while it loads, so the caller's own start-up work runs alongside): `begin(...).result(...)`."""
+
+  def __init__(self, name: str, key: str | None, devices):
+    self.name, self.key, self.devices = name, key, devices
+    self._loaded = None
+    self._thread = None
+    path = self.path
+    if key is not None and key not in _IN_MEMORY and path and os.path.exists(path):
+      self._thread = threading.Thread(target=self._load, args=(path,), daemon=True,
+                                      name=f"load {name}")
+      self._thread.start()
+
+  @property
+  def path(self) -> str | None:
+    directory = _executables_dir()
+    return None if directory is None or self.key is None else os.path.join(
+        directory, self.key + ".bin")
+
+  def _load(self, path: str) -> None:
+    self._loaded = _load(path, self.devices)
+
+  def result(self, make_jitted, args: tuple):
+    """The executable, loaded, or compiled (and saved) if there was none or it does not take
+    `args`' types.
+
+    Args:
+      make_jitted: returns the `jax.jit`-wrapped function (with its shardings and donation);
+        only called when the executable has to be compiled.
+      args: its arguments, or `jax.ShapeDtypeStruct`s with their shapes, dtypes and shardings.
+    Returns:
+      A `jax.stages.Compiled`, called like the jitted function.
+    """
+    if self.key is None:  # disabled, or a multi-process run: compile as usual
+      return make_jitted().lower(*args).compile()
+    compiled = _IN_MEMORY.get(self.key)
+    if compiled is None and self._thread is not None:
+      self._thread.join()
+      compiled, self._loaded = self._loaded, None
+      if compiled is not None:
+        logging.info("Loaded the compiled %s from %s.", self.name, self.path)
+    if compiled is not None and not _accepts(compiled, args):
+      logging.warning("The saved %s takes other argument types; compiling it again.", self.name)
+      compiled = None
+    if compiled is None:
+      compiled = _compile_outside_jax_cache(make_jitted().lower(*args))
+      _save(self.path, compiled)
+    _IN_MEMORY[self.key] = compiled
+    return compiled
+
+
+def begin(name: str, description: str, key_args, devices) -> Pending:
+  """Starts loading the executable saved for this program, if there is one.
+
+  Args:
+    name: a short name for the file (e.g. "train_step").
+    description: everything, besides the types of `key_args`, that the traced program depends on
+      (e.g. the config as JSON).
+    key_args: arguments (or `jax.ShapeDtypeStruct`s) whose types go into the key; the types of
+      the arguments `result` gets are checked against the loaded executable in any case.
+    devices: the devices the program runs on, in the order of its mesh.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  devices = list(devices)
+  key = None
+  if _executables_dir() is not None and jax.process_count() == 1:
+    key = executable_key(name, description, key_args, devices)
+  return Pending(name, key, devices)
+
+
+def load_or_compile(make_jitted, args: tuple, *, name: str, description: str, devices):
+  """`make_jitted().lower(*args).compile()`, or the same executable loaded from disk: `begin`
+  and `Pending.result` in one call. Multi-process runs, and a disabled cache, compile as usual
+  (nothing is read or written)."""
+  return begin(name, description, args, devices).result(make_jitted, args)
