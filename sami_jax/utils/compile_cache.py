@@ -185,21 +185,36 @@ def _evict(directory: str) -> None:
 
 
 # XLA:CPU (jax 0.10 and 0.12) cannot re-serialise an executable that JAX loaded from its own
-# cache: the copy saved from it fails at run time ("Function ... not found"). So the programs
-# saved here are always compiled afresh and kept out of JAX's cache: an option set to its default
-# (dumps are written only where xla_dump_to says) gives them their own JAX cache key, and nothing
-# is written under that key.
-_OWN_KEY_OPTION = {"xla_enable_dumping": True}
+# cache: the copy saved from it fails at run time ("Function ... not found"). So an executable is
+# saved here only when it was really compiled; one that came from JAX's cache (the same program
+# compiled by an earlier run under another key, e.g. another log_every) is used but not saved.
+_JAX_CACHE_HITS = [0]
+_LISTENING = []
 
 
-def _compile_outside_jax_cache(lowered):
+def _count_jax_cache_hits(event: str, **kwargs) -> None:
+  del kwargs
+  if event == "/jax/compilation_cache/cache_hits":
+    _JAX_CACHE_HITS[0] += 1
+
+
+# The runtime executables of this process that came from JAX's cache (by id; kept alive here so
+# an id is never reused): JAX's in-memory cache hands the same one out again for the same program.
+_FROM_JAX_CACHE: dict[int, Any] = {}
+
+
+def _compile(lowered) -> tuple[Any, bool]:
+  """(the executable, whether it was compiled here rather than loaded from JAX's cache)."""
   import jax  # pylint: disable=g-import-not-at-top
-  before = jax.config.jax_persistent_cache_min_compile_time_secs
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1e12)
-  try:
-    return lowered.compile(compiler_options=_OWN_KEY_OPTION)
-  finally:
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", before)
+  if not _LISTENING:
+    jax.monitoring.register_event_listener(_count_jax_cache_hits)
+    _LISTENING.append(True)
+  hits = _JAX_CACHE_HITS[0]
+  compiled = lowered.compile()
+  runtime = compiled.runtime_executable()
+  if _JAX_CACHE_HITS[0] != hits:
+    _FROM_JAX_CACHE[id(runtime)] = runtime
+  return compiled, id(runtime) not in _FROM_JAX_CACHE
 
 
 # Executables this process compiled or loaded, by key: a repeated run in the same process (a
@@ -253,8 +268,9 @@ class Pending:
       logging.warning("The saved %s takes other argument types; compiling it again.", self.name)
       compiled = None
     if compiled is None:
-      compiled = _compile_outside_jax_cache(make_jitted().lower(*args))
-      _save(self.path, compiled)
+      compiled, fresh = _compile(make_jitted().lower(*args))
+      if fresh:
+        _save(self.path, compiled)
     _IN_MEMORY[self.key] = compiled
     return compiled
 
