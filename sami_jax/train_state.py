@@ -184,8 +184,9 @@ def compiled_train_step(config: ml_collections.ConfigDict, mesh, state: State, b
   return pending.result(lambda: jit_train_step(config, mesh), types)
 
 
-def _init_executable(config: ml_collections.ConfigDict, mesh):
-  """The jitted state creation, compiled without LLVM optimisation (it runs once) or loaded."""
+@functools.lru_cache(maxsize=4)
+def _init_executable_cached(frozen_config: ml_collections.FrozenConfigDict, mesh):
+  config = ml_collections.ConfigDict(frozen_config)
   rng = jax.random.PRNGKey(config.seed)
 
   def make():
@@ -194,6 +195,13 @@ def _init_executable(config: ml_collections.ConfigDict, mesh):
   return compile_cache.load_or_compile(make, (rng,), name="init",
                                        description=_program_description(config),
                                        devices=mesh.devices.flat)
+
+
+def _init_executable(config: ml_collections.ConfigDict, mesh):
+  """The jitted state creation, compiled without LLVM optimisation (it runs once) or loaded;
+  once per (config, mesh) in a process, also where nothing is saved (multi-process runs), since
+  both `state_types` and `create_sharded_state` need it."""
+  return _init_executable_cached(configlib.frozen(config), mesh)
 
 
 def state_types(config: ml_collections.ConfigDict, mesh) -> State:
