@@ -29,6 +29,7 @@ SAMPLERS = ("ddim", "ddpm")
 POOLS = ("flatten", "mean")
 DTYPES = ("float32", "bfloat16")
 LR_DECAYS = ("constant", "cosine")
+UPDATE_LAYOUTS = ("auto", "flat", "tree")
 DCI_MODES = ("regression", "classification")
 EXPORT_FORMATS = ("npz", "parquet")
 # The sections of the evaluation report (evaluation/runner.py implements one per name).
@@ -134,6 +135,12 @@ def default_config() -> ml_collections.ConfigDict:
   p.weight_decay = 0.0
   p.ema_decay = 0.999
   p.encoder_lr_mult = 1.0
+  # How Adam, the EMA and the non-finite guard see the trained params: "flat" = one vector per
+  # trained subtree (a few fused kernels; ~40% less compile time on CPU, see
+  # benchmarks/README.md), "tree" = one set of kernels per parameter array (what FSDP needs: it
+  # shards arrays one by one), "auto" = flat unless the mesh's fsdp axis is > 1. Same math either
+  # way; it changes the optimizer state's layout in checkpoints.
+  p.update_layout = "auto"
 
   # --------------------------------------------------------------- train
   c.train = t = ml_collections.ConfigDict()
@@ -419,6 +426,7 @@ _RULES = {
     "optim.lr": _POS, "optim.warmup_steps": _NONNEG_INT, "optim.lr_decay": _rule_choice(LR_DECAYS),
     "optim.b1": _UNIT_OPEN, "optim.b2": _UNIT_OPEN, "optim.eps": _POS, "optim.grad_clip": _NONNEG,
     "optim.weight_decay": _NONNEG, "optim.ema_decay": _UNIT_OPEN, "optim.encoder_lr_mult": _NONNEG,
+    "optim.update_layout": _rule_choice(UPDATE_LAYOUTS),
     "train.batch_size": _POS_INT, "train.num_steps": _POS_INT, "train.log_every": _POS_INT,
     "train.ckpt_every": _POS_INT, "train.keep_ckpts": _POS_INT, "train.keep_every": _NONNEG_INT,
     "train.sample_every": _NONNEG_INT, "train.num_sample_images": _POS_INT,
@@ -534,6 +542,17 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None,
       _fail("train.batch_size",
             f"{c.train.batch_size} is not divisible by the {num_devices} devices of the mesh "
             f"{sizes}; use a multiple of {num_devices}.")
+    if c.optim.update_layout == "flat" and sizes["fsdp"] > 1:
+      _fail("optim.update_layout", "'flat' keeps each subtree's optimizer state in one vector, "
+            f"which FSDP (mesh {c.mesh!r}) cannot shard array by array: use 'auto' or 'tree'.")
+
+
+def flat_update(c: ml_collections.ConfigDict, num_devices: int) -> bool:
+  """Whether optim.update_layout resolves to "flat" on a mesh of `num_devices` devices ("auto":
+  flat unless the mesh's fsdp axis is > 1)."""
+  if c.optim.update_layout != "auto":
+    return c.optim.update_layout == "flat"
+  return parse_mesh(c.mesh, num_devices)["fsdp"] == 1
 
 
 def eval_sections(c: ml_collections.ConfigDict) -> list[str]:
@@ -586,6 +605,9 @@ def from_json(text_or_dict: str | dict) -> ml_collections.ConfigDict:
       else:
         dst[k] = _tuplify(v)
   merge(config, d, "")
+  if isinstance(d.get("optim"), dict) and "update_layout" not in d["optim"]:
+    # Saved before the field existed: those runs' optimizer state has one entry per array.
+    config.optim.update_layout = "tree"
   if unknown:
     from absl import logging  # pylint: disable=g-import-not-at-top
     logging.warning("Ignoring config fields this version does not know: %s", unknown)

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from jax.flatten_util import ravel_pytree
 
 from sami_jax import configlib
 from sami_jax import kinds
@@ -41,9 +42,14 @@ def learning_rate_fn(config: ml_collections.ConfigDict):
   return optax.join_schedules([warmup, rest], [o.warmup_steps])
 
 
-def make_optimizer(config: ml_collections.ConfigDict, params) -> optax.GradientTransformation:
-  """Global-norm clipping, then Adam(W) per trainable subtree (encoder lr scaled by
-  optim.encoder_lr_mult); subtrees the kind does not train get exactly zero updates."""
+def make_optimizer(config: ml_collections.ConfigDict, labels) -> optax.GradientTransformation:
+  """Global-norm clipping, then Adam(W) per trained subtree (encoder lr scaled by
+  optim.encoder_lr_mult); what is labelled "frozen" gets exactly zero updates.
+
+  Args:
+    labels: the optimizer's view of the params with each leaf replaced by its subtree's label
+      (`optimizer_view(config, params)[1]`).
+  """
   o = config.optim
   lr = learning_rate_fn(config)
 
@@ -54,28 +60,58 @@ def make_optimizer(config: ml_collections.ConfigDict, params) -> optax.GradientT
   parts = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
   parts.append(optax.multi_transform(
       {"denoiser": adam(1.0), "decoder": adam(1.0), "encoder": adam(o.encoder_lr_mult),
-       "frozen": optax.set_to_zero()},
-      kinds.trainable_labels(kinds.of(config), params)))
+       "frozen": optax.set_to_zero()}, labels))
   return optax.chain(*parts)
+
+
+def _flat(config: ml_collections.ConfigDict) -> bool:
+  return configlib.flat_update(config, jax.device_count())
+
+
+def optimizer_view(config: ml_collections.ConfigDict, tree: dict):
+  """What the optimizer (and the EMA and the guard) work on, its labels, and the way back.
+
+  "tree" layout: `tree` itself (each array its own leaf, frozen subtrees labelled "frozen").
+  "flat" layout: one float vector per trained subtree, `{name: [n_name]}` (raveled in
+  jax.tree order); frozen subtrees are left out. Per element the arithmetic is the same; the
+  flat one runs as a few fused kernels instead of several per array.
+
+  Args:
+    tree: params-shaped dict `{subtree name: pytree of arrays}` (params, gradients or EMA).
+  Returns:
+    (view, labels, to_tree): `to_tree(new_view, like)` puts the view's values back into a
+    params-shaped dict, taking the left-out subtrees from `like`.
+  """
+  kind = kinds.of(config)
+  if not _flat(config):
+    return tree, kinds.trainable_labels(kind, tree), lambda view, like: view
+  names = [n for n in tree if kind.trains(n)]
+  raveled = {n: ravel_pytree(tree[n]) for n in names}
+  view = {n: raveled[n][0] for n in names}
+
+  def to_tree(new_view, like):
+    return dict(like, **{n: raveled[n][1](new_view[n]) for n in names})
+  return view, {n: n for n in names}, to_tree
 
 
 def init_state(config: ml_collections.ConfigDict, rng: jax.Array) -> State:
   """The train state: params, EMA params, optimizer state, step and the root PRNG key."""
   params = models_lib.init_params(config, jax.random.fold_in(rng, rngs.INIT))
-  opt = make_optimizer(config, params)
-  return {"params": params, "ema_params": params, "opt_state": opt.init(params),
+  view, labels, _ = optimizer_view(config, params)
+  return {"params": params, "ema_params": params,
+          "opt_state": make_optimizer(config, labels).init(view),
           "step": jnp.zeros((), jnp.int32), "rng": rng}
 
 
 @functools.lru_cache(maxsize=16)
-def _abstract_state(frozen_config: ml_collections.FrozenConfigDict) -> State:
+def _abstract_state(frozen_config: ml_collections.FrozenConfigDict, num_devices: int) -> State:
   config = ml_collections.ConfigDict(frozen_config)
   return jax.eval_shape(lambda: init_state(config, jax.random.PRNGKey(config.seed)))
 
 
 def abstract_state(config: ml_collections.ConfigDict) -> State:
   """The state's shapes and dtypes (jax.ShapeDtypeStruct leaves), computed once per config."""
-  return _abstract_state(configlib.frozen(config))
+  return _abstract_state(configlib.frozen(config), jax.device_count())
 
 
 def _all_finite(tree) -> jax.Array:
@@ -104,23 +140,27 @@ def make_train_step(config: ml_collections.ConfigDict):
     params = state["params"]
     (loss, terms), grads = jax.value_and_grad(
         lambda p: loss_fn(p, batch, rng, step, train=True), has_aux=True)(params)
-    opt = make_optimizer(config, params)
-    updates, new_opt_state = opt.update(grads, state["opt_state"], params)
-    new_params = optax.apply_updates(params, updates)
+    # Adam, the EMA and the guard on the optimizer's view (flat vectors or the params' tree).
+    p, labels, to_tree = optimizer_view(config, params)
+    g, e = optimizer_view(config, grads)[0], optimizer_view(config, state["ema_params"])[0]
+    updates, new_opt_state = make_optimizer(config, labels).update(g, state["opt_state"], p)
+    new_p = optax.apply_updates(p, updates)
     # EMA with the usual warm-up, so early EMA params are not dominated by the random init.
     decay = jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
-    new_ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state["ema_params"],
-                           new_params)
+    new_e = jax.tree.map(lambda a, b: decay * a + (1.0 - decay) * b, e, new_p)
     # Subtrees that do not train stay bitwise identical in the EMA too.
-    new_ema = dict(new_ema, **{k: params[k] for k in kind.frozen if k in params})
+    frozen = {k: params[k] for k in kind.frozen if k in params}
+    new_e = dict(new_e, **{k: v for k, v in frozen.items() if k in new_e})
 
-    grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
-    state_finite = _all_finite((new_params, new_ema, new_opt_state))
+    # Frozen subtrees have zero gradients (stop_gradient / unused), so leaving them out of the
+    # flat view does not change the norm.
+    grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(g)))
+    state_finite = _all_finite((new_p, new_e, new_opt_state))
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & state_finite
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     new_state = {
-        "params": keep(new_params, params),
-        "ema_params": keep(new_ema, state["ema_params"]),
+        "params": to_tree(keep(new_p, p), params),
+        "ema_params": dict(to_tree(keep(new_e, e), state["ema_params"]), **frozen),
         "opt_state": keep(new_opt_state, state["opt_state"]),
         "step": step + 1,
         "rng": state["rng"],

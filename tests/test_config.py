@@ -1,6 +1,7 @@
 """Every config validation failure gives its own one-line message naming the field."""
 
 import importlib.util
+import json
 import os
 
 import pytest
@@ -116,6 +117,25 @@ def test_mesh_parsing():
   assert configlib.parse_mesh("data:-1,fsdp:2", 8) == {"data": 4, "fsdp": 2}
   assert configlib.parse_mesh("data:2,fsdp:4", 8) == {"data": 2, "fsdp": 4}
   assert configlib.parse_mesh("data:-1,fsdp:1", 1) == {"data": 1, "fsdp": 1}
+
+
+def test_update_layout_resolves_per_mesh_and_old_runs_read_as_tree():
+  c = configlib.default_config()
+  c.optim.update_layout = "flat"
+  c.mesh = "data:-1,fsdp:2"
+  with pytest.raises(configlib.ConfigError, match=r"config\.optim\.update_layout: 'flat' .*'tree'"):
+    configlib.validate(c, num_devices=8)
+  c.optim.update_layout = "auto"
+  assert not configlib.flat_update(c, 8)  # FSDP shards arrays one by one
+  c.mesh = "data:-1,fsdp:1"
+  assert configlib.flat_update(c, 8)
+  c.optim.update_layout = "tree"
+  assert not configlib.flat_update(c, 8)
+  # A run saved before the field existed has the per-array optimizer state.
+  saved = json.loads(configlib.to_json(configlib.default_config()))
+  assert configlib.from_json(saved).optim.update_layout == "auto"
+  del saved["optim"]["update_layout"]
+  assert configlib.from_json(saved).optim.update_layout == "tree"
 
 
 def test_every_field_has_a_validation_rule():

@@ -97,6 +97,15 @@ def test_fsdp_step_matches_replicated_step(replicated):
   rep_state, rep_init, rep_metrics, rep_specs = replicated
   fsdp_state, fsdp_init, fsdp_metrics, fsdp_specs = _two_steps("data:4,fsdp:2", _FSDP_MIN_SIZE)
 
+  # optim.update_layout "auto": the replicated run's Adam moments are one vector per trained
+  # subtree ("flat"), the FSDP run's one array per parameter ("tree"), so this also checks that
+  # the two layouts compute the same step.
+  n_params = {k: sum(x.size for x in jax.tree.leaves(v)) for k, v in rep_init.items()}
+  rep_moments = [x for x in jax.tree.leaves(rep_state["opt_state"]) if x.ndim > 0]
+  assert sorted(x.size for x in rep_moments) == sorted(2 * list(n_params.values()))
+  assert all(x.ndim == 1 for x in rep_moments)
+  fsdp_moments = [x for x in jax.tree.leaves(fsdp_state["opt_state"]) if x.ndim > 0]
+  assert len(fsdp_moments) == 2 * len(jax.tree.leaves(fsdp_init))
   assert any("fsdp" in tuple(spec) for spec in fsdp_specs), fsdp_specs
   assert any(tuple(spec) == () for spec in fsdp_specs)  # small leaves stay replicated
   assert all(tuple(spec) == () for spec in rep_specs)
