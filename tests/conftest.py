@@ -6,7 +6,11 @@
   the tests start (`python -m sami_jax.main ...` inherits the environment): a program compiled
   once, in-process or in a subprocess, is loaded from disk by every later compile of the same
   program. A fresh directory per session (so timings do not depend on earlier sessions) unless
-  SAMI_JAX_TEST_CACHE names one to reuse.
+  SAMI_JAX_TEST_CACHE names one to reuse;
+- programs compiled without LLVM's optimisations (XLA_FLAGS, inherited by subprocesses too): the
+  tests check what is computed, not how fast, and three quarters of the suite's time is XLA
+  compiling (measured: tests/test_kinds.py + tests/test_models.py 406 -> 280 CPU-seconds).
+  SAMI_JAX_TEST_OPTIMIZE=1 runs the suite on the optimised programs users get.
 """
 
 import os
@@ -16,6 +20,9 @@ import tempfile
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if os.environ.get("SAMI_JAX_TEST_OPTIMIZE", "").lower() not in ("1", "true", "yes"):
+  os.environ["XLA_FLAGS"] += (" --xla_backend_optimization_level=0"
+                              " --xla_llvm_disable_expensive_passes=true")
 
 _OWN_CACHE = None
 if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):

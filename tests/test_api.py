@@ -27,7 +27,7 @@ from sami_jax import samplers
 from sami_jax import train
 from sami_jax.data import folder as folder_lib
 from sami_jax.data import pipeline
-from tests.test_config import ROOT, load_config
+from tests.test_config import ROOT, load_config, xla_flags
 
 STEPS = 3  # reverse diffusion steps for every sampling call here (one compiled shape)
 N = 6      # images used by the sampling tests (chunks of 4 vs one chunk of 8)
@@ -60,7 +60,7 @@ def folder_script(tmp_path_factory):
   names = _write_folder(folder)
   workdir, data_dir = str(base / "run"), str(base / "tfds")
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+             XLA_FLAGS=xla_flags(1))
   log = open(base / "script.log", "w+")
   script = (
       f"{sys.executable} -m sami_jax.main --config=configs/folder.py:test --workdir={workdir} "

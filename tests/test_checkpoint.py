@@ -21,6 +21,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sami_jax import checkpoint as ckpt_lib
+from tests.test_config import xla_flags
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -310,7 +311,7 @@ _SUBPROCESS_RESTORE = textwrap.dedent("""
 def test_restore_on_a_different_device_count(tmp_path):
   """Saved over 8 devices here, restored over 4 in a fresh process."""
   _save_steps(tmp_path, [4], keep_last=2)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+  env = dict(os.environ, XLA_FLAGS=xla_flags(4),
              JAX_PLATFORMS="cpu",
              PYTHONPATH=os.pathsep.join([REPO_ROOT, os.environ.get("PYTHONPATH", "")]))
   out = subprocess.run([sys.executable, "-c", _SUBPROCESS_RESTORE, str(tmp_path)], env=env,

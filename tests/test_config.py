@@ -11,6 +11,13 @@ from sami_jax import configlib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def xla_flags(devices: int) -> str:
+  """XLA_FLAGS for a subprocess: this session's (tests/conftest.py) with `devices` CPU devices."""
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  return " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
+
+
 def load_config(name, arg=None):
   spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", name + ".py"))
   module = importlib.util.module_from_spec(spec)

@@ -32,6 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sami_jax import checkpoint as ckpt_lib
 from tests.test_checkpoint import _assert_state_equal
+from tests.test_config import xla_flags
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -439,7 +440,7 @@ _WRITE_LIMIT_SCRIPT = textwrap.dedent("""
 
 def test_real_write_failure_in_a_fresh_process_is_quiet(tmp_path):
   """The array writes fail inside TensorStore (C++), as on a full disk; stderr stays short."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1),
              PYTHONPATH=os.pathsep.join([REPO_ROOT, os.environ.get("PYTHONPATH", "")]))
   out = subprocess.run([sys.executable, "-c", _WRITE_LIMIT_SCRIPT, str(tmp_path / "ck")],
                        env=env, capture_output=True, text=True, timeout=300, check=False)

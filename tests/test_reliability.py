@@ -21,7 +21,7 @@ import pytest
 
 from sami_jax import checkpoint as ckpt_lib
 from sami_jax import inference
-from tests.test_config import ROOT
+from tests.test_config import ROOT, xla_flags
 
 _TIMEOUT_S = 600
 
@@ -37,7 +37,7 @@ def _env(shared: dict[str, str]) -> dict[str, str]:
   env = dict(os.environ)
   # One device: the point here is the run's life cycle, not the mesh (tests/test_train.py and
   # tests/test_scale.py cover 8 devices).
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+  env["XLA_FLAGS"] = xla_flags(1)
   env["JAX_PLATFORMS"] = "cpu"
   # The session's compilation cache (tests/conftest.py) comes with os.environ.
   return env
