@@ -58,7 +58,6 @@ def _worker(config) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from sami_jax import objective  # pylint: disable=g-import-not-at-top
 
   project = common.api()
   options = common.compiler_options(_WORKER.value)
@@ -70,7 +69,7 @@ def _worker(config) -> None:
   keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
   params = jax.tree_util.tree_unflatten(treedef, [
       x + _PERTURB * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
-  loss_fn = objective.make_loss_fn(config, *project.components(config))
+  loss_fn = project.loss_fn(config)
   rng, step = jax.random.PRNGKey(2), jnp.asarray(10, jnp.int32)
   grad_fn = jax.jit(jax.value_and_grad(lambda p: loss_fn(p, batch, rng, step, train=True)[0]))
   loss, grads = common.compile_with_cost(grad_fn, params, compiler_options=options)[0](params)

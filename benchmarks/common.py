@@ -37,14 +37,21 @@ def _package_has(relpath: str) -> bool:
 def api() -> types.SimpleNamespace:
   """The project functions the benchmarks use, imported here and nowhere else.
 
-  The train state and step live in `sami_jax.train_state` and inference helpers in
-  `sami_jax.inference`; older trees have all of them in `sami_jax.train` (so that
+  The train state and step live in `sami_jax.train_state`, inference helpers in
+  `sami_jax.inference` and the loss in `sami_jax.kinds`; older trees have them in
+  `sami_jax.train` and `sami_jax.objective` (so that
   benchmarks/ab_step.py can also run a baseline checkout).
   """
   if _package_has("train_state.py"):
     from sami_jax import inference  # pylint: disable=g-import-not-at-top
+    from sami_jax import kinds  # pylint: disable=g-import-not-at-top
     from sami_jax import train_state  # pylint: disable=g-import-not-at-top
+
+    def loss_fn(config):
+      comp = inference.components(config)
+      return kinds.make_loss_fn(config, comp.image_model, comp.encoder, comp.schedule)
     return types.SimpleNamespace(
+        loss_fn=loss_fn,
         init_state=train_state.init_state, make_train_step=train_state.make_train_step,
         jit_train_step=lambda config, mesh, shardings: train_state.jit_train_step(config, mesh),
         create_sharded_state=lambda config, mesh: (
@@ -52,8 +59,10 @@ def api() -> types.SimpleNamespace:
             train_state.state_shardings(config, mesh)),
         components=inference.components,
         restore_for_inference=lambda config, workdir: inference.restore(workdir, given=config))
+  from sami_jax import objective  # pylint: disable=g-import-not-at-top
   from sami_jax import train  # pylint: disable=g-import-not-at-top
   return types.SimpleNamespace(
+      loss_fn=lambda config: objective.make_loss_fn(config, *train.components(config)),
       init_state=train.init_state, make_train_step=train.make_train_step,
       jit_train_step=train.jit_train_step, create_sharded_state=train.create_sharded_state,
       components=train.components, restore_for_inference=train.restore_for_inference)
