@@ -166,8 +166,8 @@ def _check_resume_config(config, saved: dict) -> None:
                                   train_state.abstract_state(c))
   if shapes(before) != shapes(config):
     raise ValueError(f"The checkpoint was trained with another model ({described}), which "
-                     "changes the parameters' shapes, so it cannot resume: use the run's config "
-                     "(saved in the checkpoint) or a new workdir.")
+                     "changes the shapes or layout of the train state, so it cannot resume: use "
+                     "the run's config (saved in the checkpoint) or a new workdir.")
   logging.warning("Resuming with a config that differs from the checkpoint's: %s.", described)
 
 
