@@ -35,6 +35,10 @@ def _tiny(tmp_dir, kind="sami"):
   c.eval.num_video = 4
   c.eval.factorvae_votes = 64
   c.eval.num_recon = 8
+  # The bound and the denoising ablation on a few examples: the test checks that every kind gets
+  # them (their estimators have their own tests in test_elbo.py and test_report.py).
+  c.eval.num_elbo_examples, c.eval.elbo_t_samples = 16, 2
+  c.eval.num_ablation_examples, c.eval.ablation_buckets = 16, 4
   c.model.decoder.ch, c.model.decoder.ch_mult, c.model.decoder.num_groups = 8, (1,), 4
   return c
 
@@ -180,7 +184,9 @@ def test_beta_vae_loss_matches_its_formula():
   # Make the decoder non-trivial (its output conv is not zero-initialised, but be explicit).
   x = jax.random.uniform(jax.random.PRNGKey(1), (4, 8, 8, 1), minval=-1, maxval=1)
   rng = jax.random.PRNGKey(2)
-  loss, terms = kinds.make_loss_fn(c, dec, enc)(params, {"image": x}, rng, 0)
+  # Jitted: one compile instead of one per operation (the reference below is numpy).
+  loss_fn = jax.jit(kinds.make_loss_fn(c, dec, enc))
+  loss, terms = loss_fn(params, {"image": x}, rng, 0)
   mean, std = enc.apply({"params": params["encoder"]}, x)
   z = mean + std * jax.random.normal(rng, mean.shape)
   rec = np.asarray(dec.apply({"params": params["decoder"]}, z), np.float64)
@@ -191,7 +197,7 @@ def test_beta_vae_loss_matches_its_formula():
   np.testing.assert_allclose(float(loss), want, rtol=1e-5)
   np.testing.assert_allclose(np.asarray(terms["recon_mse"]), sq / 64, rtol=1e-5)
   # The gradient reaches both networks.
-  g = jax.grad(lambda p: kinds.make_loss_fn(c, dec, enc)(p, {"image": x}, rng, 0)[0])(params)
+  g = jax.jit(jax.grad(lambda p: loss_fn(p, {"image": x}, rng, 0)[0]))(params)
   for name in ("decoder", "encoder"):
     assert max(float(jnp.abs(a).max()) for a in jax.tree.leaves(g[name])) > 0.0, name
 
@@ -199,13 +205,13 @@ def test_beta_vae_loss_matches_its_formula():
 def test_diffae_conditions_the_unet_on_the_encoder_mean():
   c, den, enc, params = _models("diffae")
   x = jax.random.uniform(jax.random.PRNGKey(1), (4, 8, 8, 1), minval=-1, maxval=1)
-  fn = kinds.make_loss_fn(c, den, enc)
+  fn = jax.jit(kinds.make_loss_fn(c, den, enc))
   # Move the zero-initialised output layers so that z can matter at all.
   params = jax.tree.map(lambda a: a + 0.05 * jnp.ones_like(a), params)
   _, terms = fn(params, {"image": x}, jax.random.PRNGKey(2), 0)
   # A deterministic encoder: no KL, no posterior std, nothing of the guidance is logged.
   assert set(terms) == {"diffusion", "t"}
-  g = jax.grad(lambda p: fn(p, {"image": x}, jax.random.PRNGKey(2), 0)[0])(params)
+  g = jax.jit(jax.grad(lambda p: fn(p, {"image": x}, jax.random.PRNGKey(2), 0)[0]))(params)
   enc_grad = max(float(jnp.abs(a).max()) for a in jax.tree.leaves(g["encoder"]))
   assert enc_grad > 0.0  # the encoder learns through the U-Net's adaptive group norm
   # The std head gets no gradient: only the mean is used.
