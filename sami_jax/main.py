@@ -92,6 +92,9 @@ def _main(argv) -> int:
   compile_cache.enable()
   workdir = os.path.expanduser(_WORKDIR.value)
   if _MODE.value == "train":
+    # Before the training code is imported (seconds): a workdir that cannot be created is named
+    # at once, as train.train would.
+    os.makedirs(workdir, exist_ok=True)
     from sami_jax import train
     summary = train.train(config, workdir)
     logging.info("Done: %s", json.dumps(summary))

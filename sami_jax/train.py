@@ -171,9 +171,10 @@ def _check_resume_config(config, saved: dict) -> None:
   logging.warning("Resuming with a config that differs from the checkpoint's: %s.", described)
 
 
-def _restore_or_init(config, mesh, checkpointer) -> tuple[Any, int]:
-  """(state, start step): the newest intact checkpoint, or a fresh state. Everything that can be
-  checked without compiling is checked first."""
+def _restore_or_init(config, mesh, checkpointer, denoiser) -> tuple[Any, int]:
+  """(state, start step): the newest intact checkpoint, or a fresh state (with `denoiser`, the
+  pre-trained one, if the kind freezes it). Everything that can be checked without compiling is
+  checked first."""
   types = train_state.state_types(config, mesh)  # shapes, dtypes and shardings
   if checkpointer.latest_step() is not None:
     _check_resume_config(config, checkpointer.restore_config())
@@ -183,8 +184,6 @@ def _restore_or_init(config, mesh, checkpointer) -> tuple[Any, int]:
       logging.warning("The checkpoint was trained with seed %s, this config says %s: the data "
                       "order changes from here.", data_pos.get("seed"), config.seed)
     return state, start_step
-  kind = kinds.of(config)
-  denoiser = _read_pretrained_denoiser(config) if kind.needs_denoiser_checkpoint else None
   state = train_state.create_sharded_state(config, mesh)
   if denoiser is not None:
     state = _put_pretrained_denoiser(state, denoiser,
@@ -314,19 +313,24 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 def _train_locked(config, workdir: str, is_main: bool) -> dict[str, Any]:
   t_start = time.time()
-  _prepare_data(config)
-  mesh = sharding_lib.make_mesh(config)
-  logging.info("Mesh %s over %d devices (%d processes).", dict(mesh.shape), jax.device_count(),
-               jax.process_count())
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                        keep_last=config.train.keep_ckpts,
                                        keep_every=config.train.keep_every)
   writer = None
   try:
+    # A fresh run of a kind that freezes a pre-trained denoiser reads (and checks) it first:
+    # a wrong path or model is named before the data is built or anything compiled.
+    denoiser = None
+    if kinds.of(config).needs_denoiser_checkpoint and checkpointer.latest_step() is None:
+      denoiser = _read_pretrained_denoiser(config)
+    _prepare_data(config)
+    mesh = sharding_lib.make_mesh(config)
+    logging.info("Mesh %s over %d devices (%d processes).", dict(mesh.shape),
+                 jax.device_count(), jax.process_count())
     # Loads (in the background) the step a previous run of this config saved, while the state
     # is created or restored.
     pending_step = train_state.begin_train_step(config, mesh)
-    state, start_step = _restore_or_init(config, mesh, checkpointer)
+    state, start_step = _restore_or_init(config, mesh, checkpointer, denoiser)
     writer = writers_lib.MetricWriter(workdir, enabled=is_main)
     run = _Run(config, workdir, mesh, checkpointer, writer, state, start_step, is_main,
                pending_step=pending_step)

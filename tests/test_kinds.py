@@ -140,7 +140,8 @@ def test_frozen_denoiser_is_bitwise_the_pretrained_one(comparison):
     for a, b in zip(jax.tree.leaves(ddpm_params["denoiser"]), jax.tree.leaves(tree["denoiser"])):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # ... while its encoder did train (it is not the init any more).
-  init = models_lib.init_params(cfg, jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 0))
+  init = jax.jit(lambda key: models_lib.init_params(cfg, key))(
+      jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 0))
   diffs = [float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
            for a, b in zip(jax.tree.leaves(init["encoder"]),
                            jax.tree.leaves(state["params"]["encoder"]))]
@@ -187,9 +188,9 @@ def test_beta_vae_loss_matches_its_formula():
   # Jitted: one compile instead of one per operation (the reference below is numpy).
   loss_fn = jax.jit(kinds.make_loss_fn(c, dec, enc))
   loss, terms = loss_fn(params, {"image": x}, rng, 0)
-  mean, std = enc.apply({"params": params["encoder"]}, x)
+  mean, std = jax.jit(enc.apply)({"params": params["encoder"]}, x)
   z = mean + std * jax.random.normal(rng, mean.shape)
-  rec = np.asarray(dec.apply({"params": params["decoder"]}, z), np.float64)
+  rec = np.asarray(jax.jit(dec.apply)({"params": params["decoder"]}, z), np.float64)
   mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
   sq = np.sum((np.asarray(x, np.float64) - rec) ** 2, axis=(1, 2, 3))
   kl = 0.5 * np.sum(mean ** 2 + std ** 2 - 1 - np.log(std ** 2), axis=1)
@@ -217,8 +218,9 @@ def test_diffae_conditions_the_unet_on_the_encoder_mean():
   # The std head gets no gradient: only the mean is used.
   assert float(jnp.abs(g["encoder"]["std_head"]["kernel"]).max()) == 0.0
   t = jnp.full((4,), 0.5)
-  e1 = den.apply({"params": params["denoiser"]}, x, t, train=False, cond=jnp.zeros((4, 3)))
-  e2 = den.apply({"params": params["denoiser"]}, x, t, train=False, cond=jnp.ones((4, 3)))
+  apply = jax.jit(lambda cond: den.apply({"params": params["denoiser"]}, x, t, train=False,
+                                         cond=cond))
+  e1, e2 = apply(jnp.zeros((4, 3))), apply(jnp.ones((4, 3)))
   assert float(jnp.abs(e1 - e2).max()) > 1e-4
 
 
@@ -226,7 +228,7 @@ def test_beta_vae_generate_is_the_clipped_decoder_mean():
   c, dec, enc, params = _models("beta_vae")
   z = jax.random.normal(jax.random.PRNGKey(0), (5, 3)) * 3.0
   params = jax.tree.map(lambda a: a * 3.0, params)  # outputs beyond [-1, 1] somewhere
-  raw = dec.apply({"params": params["decoder"]}, z)
+  raw = jax.jit(dec.apply)({"params": params["decoder"]}, z)
   got = kinds.decode(kinds.get("beta_vae"), dec, enc, params, z, jax.random.PRNGKey(1),
                      schedule=inference.components(c).schedule, image_shape=(8, 8, 1))
   np.testing.assert_allclose(np.asarray(got), np.clip(np.asarray(raw), -1, 1), atol=1e-5)

@@ -226,11 +226,16 @@ def test_reconstruction_mse_and_psnr(run):
   key = jax.random.fold_in(rngs.section_key(run_config.seed, "reconstruction"), 0)
   _, key_gen = jax.random.split(key)  # (z sample key: unused with the posterior mean)
   key_init, _ = jax.random.split(key_gen)
-  z, _ = enc.apply({"params": params["encoder"]}, x, None)
+  z, _ = jax.jit(enc.apply)({"params": params["encoder"]}, x, None)
 
   def log_q(xt):
     mean, std = enc.apply({"params": params["encoder"]}, xt, None)
     return jnp.sum(-0.5 * ((z - mean) / std) ** 2 - jnp.log(std))
+
+  @jax.jit  # one compile instead of one per operation; the same arithmetic
+  def guided_eps(xt, tb, s_t):
+    eps = den.apply({"params": params["denoiser"]}, xt, tb, train=False)
+    return eps - s_t * jax.grad(log_q)(xt)
 
   def alpha_sigma(t):  # the cosine schedule, its log-SNR clipped at -20 (reached at t = 1)
     lam = max(_cosine_logsnr(t), -20.0) if t < 1 else -20.0
@@ -240,7 +245,7 @@ def test_reconstruction_mse_and_psnr(run):
   for t, s in ((1.0, 0.5), (0.5, 0.0)):
     a_t, s_t = alpha_sigma(t)
     tb = jnp.full((x.shape[0],), t)
-    eps = den.apply({"params": params["denoiser"]}, xt, tb, train=False) - s_t * jax.grad(log_q)(xt)
+    eps = guided_eps(xt, tb, s_t)
     x0 = jnp.clip((xt - s_t * eps) / a_t, -1, 1)
     if s > 0:
       a_s, s_s = alpha_sigma(s)
