@@ -140,8 +140,7 @@ def test_frozen_denoiser_is_bitwise_the_pretrained_one(comparison):
     for a, b in zip(jax.tree.leaves(ddpm_params["denoiser"]), jax.tree.leaves(tree["denoiser"])):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # ... while its encoder did train (it is not the init any more).
-  init = jax.jit(lambda key: models_lib.init_params(cfg, key))(
-      jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 0))
+  init = models_lib.initialize(cfg, jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 0))
   diffs = [float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
            for a, b in zip(jax.tree.leaves(init["encoder"]),
                            jax.tree.leaves(state["params"]["encoder"]))]

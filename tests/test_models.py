@@ -480,8 +480,7 @@ def test_build_and_init_from_config():
   assert denoiser.dtype == jnp.bfloat16 and encoder.dtype == jnp.bfloat16
   assert denoiser.out_channels == 1 and encoder.latent_dim == 3
   assert denoiser.ch_mult == (1,) and encoder.attn_resolutions == (4,)
-  # Jitted: one compile instead of one per operation of an eager init.
-  params = jax.jit(functools.partial(models.init_params, config))(jax.random.PRNGKey(0))
+  params = models.initialize(config, jax.random.PRNGKey(0))  # init_params, jitted
   assert set(params) == {"denoiser", "encoder"}
   assert {p.dtype for p in jax.tree_util.tree_leaves(params)} == {jnp.dtype(jnp.float32)}
   # The std head is a Dense from the 16-channel last level to 3 latents: 16 * 3 + 3 params.
@@ -511,8 +510,7 @@ def test_mean_init_scale_from_config_scales_the_mean_head():
     c = _tiny_config()
     c.model.encoder.mean_init_scale = scale
     assert models.build_models(c)[1].mean_init_scale == scale
-    params[scale] = jax.jit(functools.partial(models.init_params, c))(
-        jax.random.PRNGKey(3))["encoder"]
+    params[scale] = models.initialize(c, jax.random.PRNGKey(3))["encoder"]
   np.testing.assert_allclose(np.asarray(params[10.0]["mean_head"]["kernel"]),
                              10.0 * np.asarray(params[0.1]["mean_head"]["kernel"]), rtol=1e-5)
   np.testing.assert_array_equal(np.asarray(params[10.0]["hidden"]["kernel"]),
