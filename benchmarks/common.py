@@ -238,8 +238,11 @@ def benchmark_train_step(config, *, steps: int, warmup: int = 2,
   sharded train step of `config` (synthetic data, config.train.batch_size images per step).
 
   With `peak_call` (a matmul of `peak_flops_per_call` FLOPs) every timed step is followed by one
-  timed matmul, so that both see the same load from other programs: `paired_fraction_of_peak` is
-  the median over steps of (step FLOP/s) / (the next matmul's FLOP/s). `xla_options` are passed
+  untimed and one timed matmul, so that both see the same load from other programs:
+  `paired_fraction_of_peak` is the median over steps of (step FLOP/s) / (that matmul's FLOP/s).
+  The first matmul after a step is not the one timed: on the 2-core CPU it runs 20-45% slower
+  than the matmuls after it (32x32 plain step: 71-109 GF/s, then 117-127; alone 132-137), so
+  pairing with it overstated the fraction by about that much. `xla_options` are passed
   to the compiler (replacing whatever the project's jit would use).
   """
   from sami_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
@@ -268,6 +271,7 @@ def benchmark_train_step(config, *, steps: int, warmup: int = 2,
     walls.append(wall)
     cpus.append(cpu)
     if peak_call is not None and flops:
+      block(peak_call())  # the first call after a step runs slow (docstring)
       peak_wall, _ = timed_call(peak_call)
       ratios.append((flops / wall) / (peak_flops_per_call / peak_wall))
   stats = _stats(walls)

@@ -15,9 +15,10 @@ encoder or guidance; "sami": the config's kind):
   gflops_per_step_per_device   XLA's cost analysis of the compiled step (per device);
   achieved_flops_per_sec_per_device, fraction_of_measured_peak
                           FLOP/s at the median step time, and that over the peak below;
-  paired_fraction_of_peak every timed step is followed by one timed peak matmul: the median over
-                          steps of (step FLOP/s) / (that matmul's FLOP/s). On a machine shared
-                          with other programs this compares like with like;
+  paired_fraction_of_peak every timed step is followed by one untimed and one timed peak
+                          matmul (the first after a step runs slow): the median over steps of
+                          (step FLOP/s) / (the timed matmul's FLOP/s). On a machine shared with
+                          other programs this compares like with like;
 then "peak": the best FLOP/s of a square matmul in the model's compute dtype (float32 on CPU,
 bfloat16 with --config.model.dtype=bfloat16 on an accelerator), measured in the same run, and
 "sami_over_plain": the SAMI / plain ratios of step time and FLOPs, the step-time ratio over the
