@@ -133,6 +133,15 @@ def timed_call(fn: Callable[[], Any]) -> tuple[float, float]:
   return time.perf_counter() - t0, time.process_time() - c0
 
 
+def second_call_seconds(fn: Callable[[], Any]) -> float:
+  """Wall seconds of fn()'s second blocked call, the first one untimed.
+
+  For the matmul paired with each train step: the first matmul after a step runs 20-45% slower
+  than the next ones on the 2-core CPU (see `benchmark_train_step`)."""
+  block(fn())
+  return timed_call(fn)[0]
+
+
 def time_calls(fn: Callable[[], Any], *, warmup: int, iters: int) -> dict[str, Any]:
   """Calls fn() warmup + iters times, blocking on each result; per-call wall-clock statistics
   (median_s, mean_s, min_s, max_s, iters) and the median process CPU seconds (cpu_median_s)."""
@@ -271,8 +280,7 @@ def benchmark_train_step(config, *, steps: int, warmup: int = 2,
     walls.append(wall)
     cpus.append(cpu)
     if peak_call is not None and flops:
-      block(peak_call())  # the first call after a step runs slow (docstring)
-      peak_wall, _ = timed_call(peak_call)
+      peak_wall = second_call_seconds(peak_call)
       ratios.append((flops / wall) / (peak_flops_per_call / peak_wall))
   stats = _stats(walls)
   stats.update(iters=int(steps), cpu_median_s=float(np.median(cpus)))
