@@ -31,7 +31,7 @@ process, 1.19x at the quick-start size. Not set here.
 `import sami_jax` calls `apply_process_settings()` once: skipped when SAMI_JAX_HOST_MALLOC=off,
 when the environment already sets either value (MALLOC_MMAP_MAX_, MALLOC_TRIM_THRESHOLD_, or
 GLIBC_TUNABLES naming glibc.malloc.mmap_max / glibc.malloc.trim_threshold: yours wins), and where
-the C library is not glibc (macOS, musl). It changes no computed value. Standard library only.
+the C library is not glibc (macOS, musl). It changes no computed value. No JAX import.
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+
+from sami_jax.utils import xla_options
 
 _OPT_OUT = "SAMI_JAX_HOST_MALLOC"
 
@@ -75,7 +77,7 @@ def settings_to_apply(environ: dict[str, str] | None = None) -> list[tuple[int, 
   sets (glibc's variable or tunable) is left out.
   """
   env = os.environ if environ is None else environ
-  if env.get(_OPT_OUT, "").strip().lower() in ("off", "0", "false", "no"):
+  if xla_options.opted_out(env, _OPT_OUT):
     return []
   tunables = env.get("GLIBC_TUNABLES", "")
   return [(param, value) for param, value in SETTINGS

@@ -97,6 +97,15 @@ def _jaxlib_minor() -> tuple[int, int] | None:
     return None
 
 
+def opted_out(environ: dict[str, str], name: str) -> bool:
+  """Whether the environment variable `name` says "off" (or "0", "false", "no"; any case).
+
+  The one reading of the project's process-wide opt-outs (SAMI_JAX_XLA_FLAGS here,
+  SAMI_JAX_HOST_MALLOC in `host_memory`).
+  """
+  return environ.get(name, "").strip().lower() in ("off", "0", "false", "no")
+
+
 def apply_process_flags(environ: dict[str, str] | None = None) -> bool:
   """Appends `recommended_xla_flags()` to XLA_FLAGS for this process (and its subprocesses).
 
@@ -108,7 +117,7 @@ def apply_process_flags(environ: dict[str, str] | None = None) -> bool:
     measured on. Only CPU compiles read it; GPU and TPU ignore it.
   """
   env = os.environ if environ is None else environ
-  if env.get(_OPT_OUT, "").strip().lower() in ("off", "0", "false", "no"):
+  if opted_out(env, _OPT_OUT):
     return False
   flags = env.get("XLA_FLAGS", "")
   if "xla_cpu_experimental_ynn_fusion_type" in flags:
