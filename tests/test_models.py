@@ -10,11 +10,13 @@ import math
 
 import jax
 import jax.numpy as jnp
+import flax.linen as nn
 import numpy as np
 import pytest
 
 from sami_jax import configlib
 from sami_jax import models
+from sami_jax import rngs
 from sami_jax.models import layers
 from sami_jax.models.encoder import Encoder
 from sami_jax.models.unet import UNet
@@ -270,6 +272,50 @@ def test_unet_dropout_only_in_training():
   assert np.max(np.abs(train_a - train_b)) > 1e-4  # different masks
   assert np.max(np.abs(train_a - eval_a)) > 1e-4
   np.testing.assert_array_equal(train_a, run(True, 0))  # same rng, same mask
+
+
+@pytest.mark.parametrize("shape", [(), (7,), (3, 5), (2, 6, 6, 4)])
+def test_bernoulli_is_jax_bernoulli(shape):
+  # The expected masks are JAX's own draws from the same keys.
+  for key in (jax.random.PRNGKey(3), jax.random.fold_in(jax.random.PRNGKey(5), 11)):
+    for p in (0.9, 0.5, 0.1):
+      ours = jax.jit(lambda k, p=p: rngs.bernoulli(k, p, shape))(key)
+      np.testing.assert_array_equal(ours, jax.random.bernoulli(key, p, shape))
+
+
+def test_bernoulli_typed_and_other_keys():
+  typed = jax.random.key(7)
+  np.testing.assert_array_equal(jax.jit(lambda k: rngs.bernoulli(k, 0.7, (5, 9)))(typed),
+                                jax.random.bernoulli(typed, 0.7, (5, 9)))
+  rbg = jax.random.key(7, impl="rbg")  # not threefry: left to jax.random itself
+  np.testing.assert_array_equal(rngs.bernoulli(rbg, 0.7, (5, 9)),
+                                jax.random.bernoulli(rbg, 0.7, (5, 9)))
+
+
+def test_dropout_is_flax_dropout():
+  # Auto-named alike ("Dropout_0"), so each draws its key from the same scope.
+  class Net(nn.Module):
+    use_flax: bool
+
+    @nn.compact
+    def __call__(self, x, train):
+      for _ in range(2):
+        if self.use_flax:
+          x = nn.Dropout(0.3)(x, deterministic=not train)
+        else:
+          x = layers.Dropout(0.3)(x, deterministic=not train)
+      return x
+
+  x = _images(0, (2, 8, 8, 4))
+  for seed in (0, 1):
+    rng = {"dropout": jax.random.PRNGKey(seed)}
+    outs = [jax.jit(lambda x, u=u: Net(u).apply({}, x, True, rngs=rng))(x) for u in (True, False)]
+    np.testing.assert_array_equal(outs[1], outs[0])
+    assert 0.3 < float(jnp.mean(outs[1] == 0)) < 0.7  # two layers: ~51% dropped
+    grads = [jax.grad(lambda x, u=u: jnp.sum(Net(u).apply({}, x, True, rngs=rng) ** 2))(x)
+             for u in (True, False)]
+    np.testing.assert_array_equal(grads[1], grads[0])
+  np.testing.assert_array_equal(Net(False).apply({}, x, False), x)
 
 
 def test_unet_remat_matches():

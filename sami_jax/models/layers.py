@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sami_jax import rngs
+
 Dtype = Any
 
 # The last conv of every residual branch and the output convs start at zero: each residual block
@@ -165,6 +167,27 @@ def conv3x3(features: int, dtype: Dtype, name: str | None = None, strides: int =
   return Conv(features, 3, strides, dtype, zero_init=zero, patches=patches, name=name)
 
 
+class Dropout(nn.Module):
+  """flax.linen.Dropout(rate) (no broadcast dims), the same masks from the same keys, drawn faster.
+
+  Named like nn.Dropout ("Dropout_0" when auto-named) and drawing its key the same way, it
+  keeps every mask of a run as nn.Dropout would draw it; the mask is `rngs.bernoulli`, which
+  computes jax.random.bernoulli's values in one fused kernel instead of the loop XLA:CPU runs.
+  """
+  rate: float
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+    """x: [...] -> [...], each element kept (and scaled by 1 / (1 - rate)) with prob. 1 - rate."""
+    if self.rate == 0.0 or deterministic:
+      return x
+    if self.rate == 1.0:
+      return jnp.zeros_like(x)
+    keep = 1.0 - self.rate
+    mask = rngs.bernoulli(self.make_rng("dropout"), keep, x.shape)
+    return jax.lax.select(mask, x / keep, jnp.zeros_like(x))
+
+
 class ResBlock(nn.Module):
   """GN -> SiLU -> Conv3x3 (+ time proj) -> GN [-> cond scale/shift] -> SiLU -> Dropout -> Conv3x3.
 
@@ -204,7 +227,7 @@ class ResBlock(nn.Module):
       scale, shift = jnp.split(ss[:, None, None, :], 2, axis=-1)
       h = h * (1.0 + scale) + shift
     h = nn.silu(h)
-    h = nn.Dropout(self.dropout)(h, deterministic=not train)
+    h = Dropout(self.dropout)(h, deterministic=not train)
     h = conv3x3(self.out_ch, self.dtype, name="conv_1", zero=True)(h)
     if x.shape[-1] != self.out_ch:
       x = Conv(self.out_ch, 1, dtype=self.dtype, name="skip")(x)
