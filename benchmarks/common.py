@@ -225,9 +225,13 @@ def compiler_options(spec: str) -> dict[str, Any]:
   if spec == "jit":
     return {}
   if spec == "recommended":
-    if not _package_has(os.path.join("models", "xla_options.py")):
+    # utils/ since the process-wide flags; models/ in the trees before them; none before that.
+    if _package_has(os.path.join("utils", "xla_options.py")):
+      from sami_jax.utils import xla_options  # pylint: disable=g-import-not-at-top
+    elif _package_has(os.path.join("models", "xla_options.py")):
+      from sami_jax.models import xla_options  # pylint: disable=g-import-not-at-top
+    else:
       return {}
-    from sami_jax.utils import xla_options  # pylint: disable=g-import-not-at-top
     return xla_options.recommended_compiler_options()
   try:
     value = json.loads(spec)

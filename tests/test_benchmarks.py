@@ -53,6 +53,15 @@ def test_the_paired_matmul_is_the_second_call_after_a_step():
   assert seconds < 0.2, seconds
 
 
+def test_recommended_xla_options_reach_the_benchmarks():
+  # On CPU the project's recommended set names the YNNPACK fusion types; "recommended" must pass
+  # it on (it once looked for the module where it used to live and silently passed nothing).
+  opts = common.compiler_options("recommended")
+  assert "xla_cpu_experimental_ynn_fusion_type" in opts
+  assert "convolution" not in opts["xla_cpu_experimental_ynn_fusion_type"]
+  assert common.compiler_options("jit") == {}
+
+
 def test_run_slice_reports_a_missing_log(tmp_path):
   assert "error" in device_check.run_slice(str(tmp_path), 8)
 
