@@ -292,6 +292,20 @@ def test_bernoulli_typed_and_other_keys():
                                 jax.random.bernoulli(rbg, 0.7, (5, 9)))
 
 
+def test_bernoulli_sharded_over_devices():
+  # Drawn for a batch-sharded result (the suite runs on 8 CPU devices): JAX's values, and each
+  # device hashes only its own rows.
+  n = jax.device_count()
+  sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(jax.devices()), ("data",)),
+                                        jax.sharding.PartitionSpec("data"))
+  key, shape = jax.random.PRNGKey(4), (2 * n, 4, 4, 2)
+  draw = jax.jit(lambda k: rngs.bernoulli(k, 0.9, shape), out_shardings=sharding)
+  np.testing.assert_array_equal(draw(key), jax.random.bernoulli(key, 0.9, shape))
+  if n > 1:
+    hlo = draw.lower(key).compile().as_text()
+    assert "u32[2,4,4,2]" in hlo and f"u32[{2 * n},4,4,2]" not in hlo
+
+
 def test_dropout_is_flax_dropout():
   # Auto-named alike ("Dropout_0"), so each draws its key from the same scope.
   class Net(nn.Module):
