@@ -118,10 +118,11 @@ def bernoulli(key: jax.Array, p: float, shape) -> jax.Array:
     bool array of `shape`.
   """
   shape = tuple(int(d) for d in shape)
+  size = math.prod(shape)
   words = _threefry_key_words(key)
-  if words is None or math.prod(shape) >= 2**32:
+  if words is None or size >= 2**32:
     return jax.random.bernoulli(key, p, shape)
-  counts = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
+  counts = jax.lax.iota(jnp.uint32, size).reshape(shape)
   b1, b2 = threefry2x32(words[0], words[1], jnp.zeros_like(counts), counts)
   mantissa = jax.lax.shift_right_logical(b1 ^ b2, np.uint32(32 - 23))
   u = jax.lax.bitcast_convert_type(mantissa | np.float32(1.0).view(np.uint32),

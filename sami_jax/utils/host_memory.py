@@ -22,11 +22,14 @@ memory, freed blocks kept for reuse rather than returned to the kernel.
 
 What it does not reach: glibc's per-thread arenas grow in heaps of at most 64 MB, so a buffer
 larger than that, allocated by one of XLA's worker threads, is still mapped and unmapped each
-step. That is the case for the 32x32 benchmark's step (a 664 MB temporary buffer; no change
+step. That is the case for the 32x32 benchmark's step (a 567-664 MB temporary buffer and
+several ~151 MB ones: ~15% of its CPU time is system time spent faulting them in; no change
 measured) and for the quick-start step under jax 0.10 (64.2 MB; 1.01x). `MALLOC_ARENA_MAX=1`
-in the environment (one arena for every thread) removes those faults as well, but the threads
-then contend for that arena: measured 0.86x in one interleaved 32x32 run and 1.08x in another
-process, 1.19x at the quick-start size. Not set here.
+in the environment (one arena for every thread), together with no trimming at all
+(`MALLOC_TRIM_THRESHOLD_` above the buffer's size; with the 64 MB threshold here the main heap
+returns the block and the faults stay), removes those faults as well, but the threads then
+contend for that arena: measured 0.86x in one interleaved 32x32 run, 1.08-1.09x in separate
+processes, 1.19x at the quick-start size. Not set here.
 
 `import sami_jax` calls `apply_process_settings()` once: skipped when SAMI_JAX_HOST_MALLOC=off,
 when the environment already sets either value (MALLOC_MMAP_MAX_, MALLOC_TRIM_THRESHOLD_, or
