@@ -1,13 +1,16 @@
 r"""Interleaved A/B timing of the train step: two source trees, two sets of XLA options, or both.
 
   python benchmarks/ab_step.py --a=HEAD~1 --b=. --config=configs/disks.py:cpu --kind=sami \
-      [--batch=64] [--rounds=8] [--a_xla=jit] [--b_xla=recommended] [--config.x=y ...]
+      [--batch=64] [--rounds=8] [--a_xla=jit] [--b_xla=recommended] \
+      [--a_malloc=as_is] [--b_malloc=jemalloc] [--config.x=y ...]
 
 --a and --b each name a source tree: a directory holding a sami_jax checkout, or a git revision of
 this repository (exported with `git archive` into a temporary directory). Each side runs in its own
 process with its own tree first on sys.path, builds the same config (--config and every
 --config.x=y override are passed to both), and compiles the step once (--a_xla / --b_xla: the XLA
 options added to the project's jit, as in train_step.py: "jit", "recommended" or a JSON object).
+--a_malloc / --b_malloc=jemalloc start that side with jemalloc preloaded as launch/cpu.sh does
+(the same tree on both sides then times the allocator alone).
 
 Before any timing, both sides compute the loss and its gradient w.r.t. all params at the same
 perturbed params, batch, key and step (`check`: the relative L2 difference of the whole gradient
@@ -43,6 +46,10 @@ _A = flags.DEFINE_string("a", "HEAD", "Side A: a directory or a git revision.")
 _B = flags.DEFINE_string("b", ".", "Side B: a directory or a git revision.")
 _A_XLA = flags.DEFINE_string("a_xla", "jit", "XLA options of side A (see train_step.py).")
 _B_XLA = flags.DEFINE_string("b_xla", "jit", "XLA options of side B.")
+_A_MALLOC = flags.DEFINE_enum("a_malloc", "as_is", ["as_is", "jemalloc"],
+                              "Side A's allocator: this process's, or jemalloc preloaded as "
+                              "launch/cpu.sh does.")
+_B_MALLOC = flags.DEFINE_enum("b_malloc", "as_is", ["as_is", "jemalloc"], "Side B's allocator.")
 _KIND = flags.DEFINE_string("kind", None, "model.kind to time (default: the config's).")
 _BATCH = flags.DEFINE_integer("batch", None, "Global batch size (default: the config's).")
 _ROUNDS = flags.DEFINE_integer("rounds", 8, "ABBA rounds (each side runs 2 steps per round).")
@@ -82,8 +89,10 @@ def _worker(config) -> None:
                                                         compiler_options=options)
   for _ in range(_WARMUP.value):
     common.block(compiled(state, batch))
+  from sami_jax.utils import host_memory  # pylint: disable=g-import-not-at-top
+  allocator = getattr(host_memory, "active_allocator", lambda: None)()  # None: an older tree
   print(json.dumps({"ready": True, "compile_s": compile_s, "flops": flops,
-                    "jax": jax.__version__}), flush=True)
+                    "jax": jax.__version__, "allocator": allocator}), flush=True)
   for line in sys.stdin:
     if line.strip() != "step":
       break
@@ -104,13 +113,27 @@ def _tree(spec: str, tmp: str, name: str) -> str:
   return out
 
 
+def _preload(malloc: str) -> dict[str, str]:
+  """The environment a side's worker gets for --a_malloc / --b_malloc."""
+  if malloc == "as_is":
+    return {}
+  from sami_jax.utils import host_memory  # pylint: disable=g-import-not-at-top
+  env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF")}
+  preload = host_memory.preload_environment(env)
+  if not preload:
+    raise app.UsageError(f"--*_malloc=jemalloc: jemalloc not found; {host_memory.INSTALL_HINT}")
+  return preload
+
+
 class _Side:
   """One worker process."""
 
-  def __init__(self, name: str, tree: str, xla: str, forwarded: list[str], tmp: str):
+  def __init__(self, name: str, tree: str, xla: str, forwarded: list[str], tmp: str,
+               preload: dict[str, str]):
     self.name, self.tree = name, tree
     self.check_path = os.path.join(tmp, f"check_{name}.npz")
-    env = dict(os.environ, PYTHONPATH=tree + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=tree + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               **preload)
     cmd = [sys.executable, os.path.abspath(__file__), f"--worker={xla}",
            f"--check_out={self.check_path}", f"--warmup={_WARMUP.value}", *forwarded]
     self.proc = subprocess.Popen(cmd, cwd=tree, env=env, stdin=subprocess.PIPE,
@@ -181,10 +204,11 @@ def main(argv):
 
   import numpy as np  # pylint: disable=g-import-not-at-top
   forwarded = [a for a in sys.argv[1:] if a.startswith(("--config", "--kind", "--batch"))]
+  preloads = [_preload(m.value) for m in (_A_MALLOC, _B_MALLOC)]
   with tempfile.TemporaryDirectory() as tmp:
     a_tree, b_tree = _tree(_A.value, tmp, "a"), _tree(_B.value, tmp, "b")
-    sides = [_Side("a", a_tree, _A_XLA.value, forwarded, tmp),
-             _Side("b", b_tree, _B_XLA.value, forwarded, tmp)]
+    sides = [_Side("a", a_tree, _A_XLA.value, forwarded, tmp, preloads[0]),
+             _Side("b", b_tree, _B_XLA.value, forwarded, tmp, preloads[1])]
     try:
       # One at a time: compiling both at once would slow both and say nothing.
       for side in sides:
@@ -210,6 +234,7 @@ def main(argv):
             "b_over_a": {"wall": q(ratios_wall), "cpu": q(ratios_cpu)}}
   for side, spec, xla in ((sides[0], _A.value, _A_XLA.value), (sides[1], _B.value, _B_XLA.value)):
     result[side.name] = {"tree": spec, "xla_options": xla, "compile_s": side.ready["compile_s"],
+                         "allocator": side.ready.get("allocator"),
                          "gflops": (side.ready["flops"] or 0) / 1e9,
                          "step_wall_median_s": float(np.median(side.wall)),
                          "step_cpu_median_s": float(np.median(side.cpu))}

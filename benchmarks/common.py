@@ -71,6 +71,7 @@ def api() -> types.SimpleNamespace:
 def device_info() -> dict[str, Any]:
   """What the figures were measured on."""
   import jax  # pylint: disable=g-import-not-at-top
+  from sami_jax.utils import host_memory  # pylint: disable=g-import-not-at-top
   dev = jax.devices()[0]
   try:
     load = os.getloadavg()[0]
@@ -79,7 +80,8 @@ def device_info() -> dict[str, Any]:
   return {"platform": dev.platform, "device_kind": dev.device_kind,
           "num_devices": jax.device_count(), "host_cpus": os.cpu_count(),
           "jax": jax.__version__, "python": platform.python_version(),
-          "xla_flags": os.environ.get("XLA_FLAGS", ""), "load_average_1min": load}
+          "xla_flags": os.environ.get("XLA_FLAGS", ""), "load_average_1min": load,
+          "allocator": host_memory.active_allocator()}
 
 
 def block(tree) -> None:

@@ -87,3 +87,79 @@ def test_import_keeps_large_allocations_in_the_heap_and_freed_memory_for_reuse()
   assert on["thread_mapped_while_held"] == 0
   assert on["main48_kept_after_free"] >= 48 * mb
   assert on["main192_kept_after_free"] < 192 * mb
+
+
+# --- jemalloc preloaded by launch/cpu.sh ---------------------------------------------------------
+
+LAUNCHER = os.path.join(ROOT, "launch", "cpu.sh")
+
+
+def _fake_library(tmp_path, name="libjemalloc.so.2"):
+  path = tmp_path / name
+  path.write_bytes(b"")
+  return str(path)
+
+
+def test_preload_environment_names_the_library_and_keeps_freed_memory(tmp_path):
+  lib = _fake_library(tmp_path)
+  env = host_memory.preload_environment({"SAMI_JAX_JEMALLOC": lib})
+  assert env["LD_PRELOAD"] == lib
+  conf = env["MALLOC_CONF"].split(",")
+  # Never purge freed pages, and no separate purge-at-once arena for large blocks.
+  assert {"dirty_decay_ms:-1", "muzzy_decay_ms:-1", "oversize_threshold:0"} <= set(conf)
+  # The user's preloads stay (after it); the user's MALLOC_CONF wins.
+  env = host_memory.preload_environment({"SAMI_JAX_JEMALLOC": lib, "LD_PRELOAD": "/x/libfoo.so",
+                                         "MALLOC_CONF": "narenas:2"})
+  assert env == {"LD_PRELOAD": f"{lib}:/x/libfoo.so"}
+  # Nothing to do: already preloaded, or opted out.
+  assert host_memory.preload_environment({"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}) == {}
+  assert host_memory.preload_environment({"SAMI_JAX_JEMALLOC": "off"}) == {}
+
+
+def test_jemalloc_found_in_the_conda_environment_first(tmp_path):
+  (tmp_path / "lib").mkdir()
+  lib = _fake_library(tmp_path / "lib")
+  assert host_memory.find_jemalloc({"CONDA_PREFIX": str(tmp_path)}) == lib
+
+
+def test_a_bad_jemalloc_path_is_one_line_naming_the_fix(tmp_path):
+  with pytest.raises(ValueError, match=r"SAMI_JAX_JEMALLOC=.*not a file.*libjemalloc.so.2.*off"):
+    host_memory.find_jemalloc({"SAMI_JAX_JEMALLOC": str(tmp_path / "missing.so")})
+  marker = tmp_path / "ran"
+  env = dict(os.environ, SAMI_JAX_JEMALLOC=str(tmp_path / "missing.so"), PYTHON=sys.executable)
+  done = subprocess.run(["bash", LAUNCHER, "touch", str(marker)], capture_output=True, text=True,
+                        cwd=ROOT, env=env, timeout=60)
+  assert done.returncode == 2
+  assert len(done.stderr.strip().splitlines()) == 1 and "SAMI_JAX_JEMALLOC" in done.stderr
+  assert not marker.exists()  # the command did not run
+
+
+_WHICH = ("import os, sys; from sami_jax.utils import host_memory as h; "
+          "print(h.active_allocator(), os.environ.get('MALLOC_CONF'), "
+          "h.apply_process_settings({}))")
+
+
+def _launch(env_extra):
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("LD_PRELOAD", "MALLOC_CONF", "SAMI_JAX_JEMALLOC", "SAMI_JAX_HOST_MALLOC")}
+  env.update(PYTHON=sys.executable, **env_extra)
+  done = subprocess.run(["bash", LAUNCHER, sys.executable, "-c", _WHICH], capture_output=True,
+                        text=True, cwd=ROOT, env=env, timeout=60, check=True)
+  return done.stdout.split(), done.stderr
+
+
+def test_launcher_opted_out_runs_the_command_on_the_system_malloc():
+  out, err = _launch({"SAMI_JAX_JEMALLOC": "off"})
+  assert out[:2] == ["glibc" if _LIBC is not None else "other", "None"]
+  assert "system malloc" in err
+
+
+_JEMALLOC = host_memory.find_jemalloc({}) if sys.platform.startswith("linux") else None
+
+
+@pytest.mark.skipif(_JEMALLOC is None,
+                    reason="jemalloc not installed (apt-get install libjemalloc2)")
+def test_launcher_preloads_jemalloc_and_the_glibc_settings_step_aside():
+  out, err = _launch({})
+  assert out == ["jemalloc", host_memory.JEMALLOC_CONF, "False"]
+  assert f"preloading {_JEMALLOC}" in err
