@@ -16,7 +16,7 @@ if [ "$#" -eq 0 ]; then
   echo "usage: bash launch/cpu.sh COMMAND [ARGS...]  (e.g. python -m sami_jax.main --config=...)" >&2
   exit 2
 fi
-PYTHON="${PYTHON:-python}"
+PYTHON="${PYTHON:-$(command -v python || command -v python3 || echo python)}"
 exports="$("$PYTHON" -c 'import sys; from sami_jax.utils import host_memory; sys.exit(host_memory.launcher_main())')"
 eval "$exports"
 exec "$@"

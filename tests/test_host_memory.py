@@ -62,7 +62,8 @@ print(json.dumps(out))
 
 def _probe(env_extra):
   env = {k: v for k, v in os.environ.items()
-         if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "SAMI_JAX_HOST_MALLOC")}
+         if not k.startswith("MALLOC_")
+         and k not in ("GLIBC_TUNABLES", "SAMI_JAX_HOST_MALLOC", "LD_PRELOAD")}
   env.update(env_extra)
   done = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, cwd=ROOT,
                         env=env, timeout=60, check=True)
@@ -126,7 +127,8 @@ def test_a_bad_jemalloc_path_is_one_line_naming_the_fix(tmp_path):
   with pytest.raises(ValueError, match=r"SAMI_JAX_JEMALLOC=.*not a file.*libjemalloc.so.2.*off"):
     host_memory.find_jemalloc({"SAMI_JAX_JEMALLOC": str(tmp_path / "missing.so")})
   marker = tmp_path / "ran"
-  env = dict(os.environ, SAMI_JAX_JEMALLOC=str(tmp_path / "missing.so"), PYTHON=sys.executable)
+  env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}  # (the suite may run on it)
+  env.update(SAMI_JAX_JEMALLOC=str(tmp_path / "missing.so"), PYTHON=sys.executable)
   done = subprocess.run(["bash", LAUNCHER, "touch", str(marker)], capture_output=True, text=True,
                         cwd=ROOT, env=env, timeout=60)
   assert done.returncode == 2
