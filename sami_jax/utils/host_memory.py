@@ -135,6 +135,15 @@ INSTALL_HINT = ("install jemalloc (apt-get install libjemalloc2, dnf install jem
                 "install jemalloc) or set SAMI_JAX_JEMALLOC=/path/to/libjemalloc.so.2")
 
 
+def _skipped(env: dict[str, str]) -> bool:
+  """Whether jemalloc is not to be looked for: opted out (SAMI_JAX_JEMALLOC=off) or not Linux."""
+  return not sys.platform.startswith("linux") or xla_options.opted_out(env, _JEMALLOC_VAR)
+
+
+def _already_preloaded(env: dict[str, str]) -> bool:
+  return "jemalloc" in env.get("LD_PRELOAD", "")
+
+
 def find_jemalloc(environ: dict[str, str] | None = None) -> str | None:
   """The path of the jemalloc shared library to preload, or None (not found, or opted out).
 
@@ -145,7 +154,7 @@ def find_jemalloc(environ: dict[str, str] | None = None) -> str | None:
     ValueError: SAMI_JAX_JEMALLOC names something that is not a file.
   """
   env = os.environ if environ is None else environ
-  if not sys.platform.startswith("linux") or xla_options.opted_out(env, _JEMALLOC_VAR):
+  if _skipped(env):
     return None
   explicit = env.get(_JEMALLOC_VAR, "").strip()
   if explicit:
@@ -174,13 +183,12 @@ def preload_environment(environ: dict[str, str] | None = None) -> dict[str, str]
     ValueError: from `find_jemalloc`.
   """
   env = os.environ if environ is None else environ
-  preload = env.get("LD_PRELOAD", "")
-  if "jemalloc" in preload:
+  if _already_preloaded(env):
     return {}
   path = find_jemalloc(env)
   if path is None:
     return {}
-  out = {"LD_PRELOAD": ":".join(p for p in (path, preload) if p)}
+  out = {"LD_PRELOAD": ":".join(p for p in (path, env.get("LD_PRELOAD", "")) if p)}
   if "MALLOC_CONF" not in env:
     out["MALLOC_CONF"] = JEMALLOC_CONF
   return out
@@ -214,9 +222,9 @@ def launcher_main(environ: dict[str, str] | None = None) -> int:
     for k, v in wanted.items():
       print(f"export {k}={shlex.quote(v)}")
     note = f"preloading {wanted['LD_PRELOAD'].split(':')[0]}"
-  elif "jemalloc" in env.get("LD_PRELOAD", ""):
+  elif _already_preloaded(env):
     note = "jemalloc already in LD_PRELOAD"
-  elif xla_options.opted_out(env, _JEMALLOC_VAR) or not sys.platform.startswith("linux"):
+  elif _skipped(env):
     note = "running on the system malloc"
   else:
     note = f"jemalloc not found, running on glibc's malloc; to run faster, {INSTALL_HINT}"
