@@ -155,6 +155,47 @@ def test_conv_is_flax_conv(k, stride, patches):
                          second_order(ref), second_order(new))
 
 
+@pytest.mark.parametrize("shape,groups", [((2, 8, 8, 12), 4), ((3, 4, 6, 8), 8), ((2, 5, 1), 1),
+                                          ((2, 4, 4, 6), 4)])
+def test_group_norm_is_flax_group_norm(shape, groups):
+  """Same parameters (path, shapes, init values) and the same function, its gradient and the
+  gradient of its input-gradient, as flax.linen.GroupNorm (two-pass variance) inside a module
+  holding it as its only child, as layers.GroupNorm did. (2, 4, 4, 6) with 4 groups: the safe
+  group count (3) applies."""
+
+  class FlaxWrapped(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      g = layers.safe_num_groups(x.shape[-1], groups)
+      return nn.GroupNorm(num_groups=g, epsilon=1e-6, use_fast_variance=False)(x)
+
+  x = 3.0 * _images(0, shape) + 0.5
+  ref, new = FlaxWrapped(), layers.GroupNorm(groups)
+  p_ref, p_new = ref.init(jax.random.PRNGKey(0), x), new.init(jax.random.PRNGKey(0), x)
+  assert jax.tree_util.tree_structure(p_ref) == jax.tree_util.tree_structure(p_new)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, p_ref, p_new)
+  params = _perturb(p_ref, scale=0.5)
+  np.testing.assert_allclose(new.apply(params, x), ref.apply(params, x), atol=2e-6, rtol=1e-5)
+  ct = _images(1, shape)
+
+  def second_order(model):
+    def inner(p, xx):
+      return jnp.sum(jnp.sin(model.apply(p, xx)) * ct)
+    return jax.grad(lambda p, xx: jnp.sum(jax.grad(inner, argnums=1)(p, xx) ** 2),
+                    argnums=(0, 1))(params, x)
+
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4),
+                         second_order(ref), second_order(new))
+  # bfloat16 compute: statistics in float32 in both, the output cast to bfloat16.
+  got = layers.GroupNorm(groups, jnp.bfloat16).apply(params, x.astype(jnp.bfloat16))
+  want = nn.GroupNorm(num_groups=layers.safe_num_groups(shape[-1], groups), epsilon=1e-6,
+                      use_fast_variance=False, dtype=jnp.bfloat16).apply(
+                          {"params": params["params"]["GroupNorm_0"]}, x.astype(jnp.bfloat16))
+  assert got.dtype == want.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                             atol=2e-2, rtol=2e-2)
+
+
 def test_resblock_params_keep_the_flax_conv_layout():
   # Checkpoints written before layers.Conv must still load: the 1x1 skip is still a conv kernel.
   block = layers.ResBlock(12, num_groups=4)
