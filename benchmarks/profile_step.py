@@ -98,7 +98,8 @@ def _describe(name: str, instructions, computations) -> dict[str, Any]:
     cat = "layout: transpose / copy"
   elif name.startswith("concatenate") or re.search(r"= \S+ concatenate\(", body):
     cat = "concatenate"
-  elif "GroupNorm" in joined:
+  elif "GroupNorm" in joined or re.search(r"/norm(_\d+|_out)?/", joined):
+    # layers.GroupNorm modules are named norm, norm_0, norm_1, norm_out (their ops carry the name).
     cat = "GroupNorm (with fused elementwise)"
   elif "Dropout" in joined or "random" in joined:
     cat = "dropout / RNG"
