@@ -177,7 +177,7 @@ class Encoder(nn.Module):
     return self.mean_head(h), std
 
 
-def make_step(kind: str, unet: UNet, encoder: Encoder, memory_format):
+def make_step(kind: str, unet: UNet, encoder: Encoder):
   params = list(unet.parameters()) + (list(encoder.parameters()) if kind == "sami" else [])
   opt = torch.optim.Adam(params, lr=2e-4, betas=(0.9, 0.99), eps=1e-8)
   ema = [q.detach().clone() for q in params]
@@ -210,10 +210,7 @@ def make_step(kind: str, unet: UNet, encoder: Encoder, memory_format):
       torch._foreach_lerp_(ema, [q.detach() for q in params], 1.0 - 0.999)  # pylint: disable=protected-access
     return loss.detach()
 
-  def run(x0):
-    return step(x0.contiguous(memory_format=memory_format))
-
-  return run
+  return step
 
 
 def _timed(fn):
@@ -241,8 +238,8 @@ def benchmark(kind: str, steps: int, batch: int, memory_format, profile: bool = 
   if counts != EXPECTED_PARAMS:
     raise SystemExit(f"torch_peer: parameter counts {counts} differ from sami_jax's "
                      f"{EXPECTED_PARAMS}; the peer no longer matches the benchmark model.")
-  x0 = torch.rand(batch, CHANNELS, IMAGE, IMAGE) * 2 - 1
-  step = make_step(kind, unet, encoder, memory_format)
+  x0 = (torch.rand(batch, CHANNELS, IMAGE, IMAGE) * 2 - 1).contiguous(memory_format=memory_format)
+  step = make_step(kind, unet, encoder)
   first, _ = _timed(lambda: step(x0))
   for _ in range(2):
     step(x0)
