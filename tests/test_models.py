@@ -7,6 +7,7 @@ zero-initialised, so those tests first perturb every parameter with noise.
 
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -211,13 +212,71 @@ def test_recommended_compiler_options_compile_and_keep_the_result():
   assert xla_options.recommended_compiler_options("gpu") == {}
   assert xla_options.recommended_xla_flags("tpu") == ""
   opts = xla_options.recommended_compiler_options("cpu")
-  assert opts and all(k.startswith("xla_cpu_") for k in opts)
+  assert opts and all(k.startswith("xla_cpu_") or k == "xla_disable_hlo_passes" for k in opts)
   x, w = _images(0, (2, 8, 8, 20)), _images(1, (3, 3, 20, 20))
   f = jax.jit(jax.grad(lambda w: jnp.sum(jnp.sin(jax.lax.conv_general_dilated(
       x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))))))
   # This JAX's XLA accepts every option (an unknown name or enum value is an error here).
   got = f.lower(w).compile(compiler_options=xla_options.recommended_compiler_options())(w)
   np.testing.assert_allclose(got, f(w), rtol=1e-4, atol=1e-4)
+
+
+def test_process_flags_add_each_recommended_flag_unless_named():
+  from sami_jax.utils import xla_options  # pylint: disable=g-import-not-at-top
+  want = xla_options.recommended_xla_flags("cpu").split()
+  assert want and all(f.startswith("--xla_") and "=" in f for f in want)
+  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  assert xla_options.apply_process_flags(env)
+  assert env["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=2", *want]
+  assert not xla_options.apply_process_flags(env)  # nothing twice
+  # A flag the user set wins; the others are still added.
+  mine = "--xla_cpu_experimental_ynn_fusion_type=reduce"
+  env = {"XLA_FLAGS": mine}
+  xla_options.apply_process_flags(env)
+  assert env["XLA_FLAGS"].split() == [mine, *want[1:]]
+  env = {"XLA_FLAGS": "", "SAMI_JAX_XLA_FLAGS": "off"}
+  assert not xla_options.apply_process_flags(env) and env["XLA_FLAGS"] == ""
+
+
+def _computations(hlo: str) -> dict[str, str]:
+  """An optimised HLO module's text by computation: name -> body ("ENTRY" for the entry one)."""
+  out, name, lines = {}, None, []
+  for line in hlo.splitlines():
+    head = re.match(r"(ENTRY )?%([\w.\-]+) .*\{$", line)
+    if head:
+      name, lines = ("ENTRY" if head.group(1) else head.group(2)), []
+    elif line.startswith("}") and name is not None:
+      out[name], name = "\n".join(lines), None
+    elif name is not None:
+      lines.append(line)
+  return out
+
+
+def test_materialized_splits_the_fusion_under_the_recommended_options():
+  """layers.materialized must keep a cheap producer (a nearest-neighbour upsampling) out of its
+  consumers' fusions, under the options the project compiles with: on jax 0.10 those must stop
+  XLA's barrier expander from running before fusion. Without the barrier (the control) XLA fuses
+  the upsampling into the fusion computing sin / cos, which then reads x itself."""
+  from sami_jax.utils import xla_options  # pylint: disable=g-import-not-at-top
+
+  def trig_fusions_reading_x(barrier):
+    def f(x):
+      y = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+      y = layers.materialized(y) if barrier else y
+      return jnp.sum(jnp.sin(y) * 2.0)
+    x = _images(0, (4, 8, 8, 16))
+    compiled = jax.jit(jax.grad(f)).lower(x).compile(
+        compiler_options=xla_options.recommended_compiler_options("cpu"))
+    np.testing.assert_allclose(compiled(x), jax.grad(f)(x), rtol=1e-6)
+    comps = _computations(compiled.as_text())
+    x_name = re.search(r"%([\w.\-]+) = \S+ parameter\(0\)", comps["ENTRY"]).group(1)
+    called = re.findall(rf"fusion\(%{re.escape(x_name)}\)[^\n]*calls=%([\w.\-]+)",
+                        comps["ENTRY"])
+    assert called, "no fusion reads x: the test no longer sees what it checks"
+    return sum(bool(re.search(r" (sine|cosine)\(", comps[c])) for c in called)
+
+  assert trig_fusions_reading_x(barrier=False) >= 1  # the control: fused without the barrier
+  assert trig_fusions_reading_x(barrier=True) == 0
 
 
 def test_run_once_compiler_options_give_the_same_init():

@@ -26,6 +26,18 @@ Dtype = Any
 zeros_init = nn.initializers.zeros
 
 
+def materialized(x: jax.Array) -> jax.Array:
+  """x unchanged, as an array XLA must materialise; so is its cotangent under differentiation.
+
+  An optimization barrier: its JVP and transpose are barriers too, so the gradient w.r.t. x (a
+  sum over x's consumers) is also computed once into memory. Without one, XLA:CPU fuses such a
+  sum, or a cheap producer like a nearest-neighbour upsampling, into each of its consumers,
+  among them the transposes feeding weight-gradient convolutions, which it then runs at a
+  fraction of copy speed (benchmarks/README.md: 0.88x the 32x32 SAMI step time).
+  """
+  return jax.lax.optimization_barrier(x)
+
+
 def safe_num_groups(channels: int, num_groups: int) -> int:
   """The largest group count <= `num_groups` that divides `channels` (at least 1).
 
@@ -200,6 +212,10 @@ class Conv(nn.Module):
 def extract_patches(x: jax.Array, k: int, stride: int) -> jax.Array:
   """The k x k "SAME"-padded patches of x at the given stride, flattened (im2col).
 
+  x is `materialized` first: the gradient w.r.t. x, a sum of the k * k taps' padded slices,
+  is then computed once; without that XLA:CPU recomputes it inside each consumer (the encoder's
+  two downsamples took 11% of a 32x32 SAMI step, 6% with it: benchmarks/README.md).
+
   Args:
     x: [B, H, W, C].
   Returns:
@@ -207,6 +223,7 @@ def extract_patches(x: jax.Array, k: int, stride: int) -> jax.Array:
     (i * k + j) * C + c, i.e. matching an HWIO kernel reshaped to [k * k * C, features].
   """
   b, h, w, c = x.shape
+  x = materialized(x)
   (ph0, ph1), (pw0, pw1) = jax.lax.padtype_to_pads((h, w), (k, k), (stride, stride), "SAME")
   xp = jnp.pad(x, ((0, 0), (ph0, ph1), (pw0, pw1), (0, 0)))
   ho, wo = -(-h // stride), -(-w // stride)
@@ -351,7 +368,7 @@ class Upsample(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     chex.assert_rank(x, 4)
     b, hh, ww, c = x.shape
-    x = jnp.repeat(jnp.repeat(x.astype(self.dtype), 2, axis=1), 2, axis=2)
+    x = materialized(jnp.repeat(jnp.repeat(x.astype(self.dtype), 2, axis=1), 2, axis=2))
     out = conv3x3(c, self.dtype, name="conv")(x)
     chex.assert_shape(out, (b, 2 * hh, 2 * ww, c))
     return out

@@ -112,7 +112,7 @@ class UNet(nn.Module):
 
     for i in reversed(range(len(self.ch_mult))):
       for j in range(self.num_res_blocks + 1):
-        h = jnp.concatenate([h, skips.pop()], axis=-1)
+        h = layers.materialized(jnp.concatenate([h, skips.pop()], axis=-1))
         h = res(h, self.ch * self.ch_mult[i], f"up_{i}_res_{j}")
         if h.shape[1] in self.attn_resolutions:
           h = attn(h, f"up_{i}_attn_{j}")

@@ -7,6 +7,13 @@ x86 CPU the U-Net's train step runs about 2x faster without it (benchmarks/READM
 measurements). The options below keep YNNPACK for dots and reductions and give convolutions back
 to XLA. They change no math: only which library sums the same products (float32 rounding).
 
+The models mark a few arrays `layers.materialized` (an optimization barrier) so that XLA does not
+fuse a cheap producer, or a sum of cotangents, into the transposes feeding the weight-gradient
+convolutions. XLA:CPU honours barriers in fusion only if its barrier-expanding pass
+(`cse_barrier_expander`) runs after fusion: it does in jax 0.12's jaxlib; in jax 0.10's it runs
+before, so there the options also disable that pass (the barriers then stay to the end, where the
+runtime treats them as no-ops). SAMI's 32x32 step: 0.87x on jax 0.10 with it.
+
 `run_once_compiler_options` is for programs that run once, such as the jitted creation of the
 train state (the models' initialisers): compiled without LLVM's optimisations they compile about
 10x faster on CPU (tens of seconds -> a few) and run in well under a second either way. Not for
@@ -39,6 +46,9 @@ _OPT_OUT = "SAMI_JAX_XLA_FLAGS"
 # REDUCE (in both jax 0.10 and 0.12); this is that list without INDIVIDUAL_CONVOLUTION.
 _YNN_TYPES = ("LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT", "LIBRARY_FUSION_TYPE_REDUCE")
 _YNN_FLAG_VALUES = ("individual_dot", "reduce")
+# The jaxlib releases whose XLA:CPU expands optimization barriers before fusion (measured: 0.10).
+_EARLY_BARRIER_EXPANDER = ((0, 10),)
+_BARRIER_PASS = "cse_barrier_expander"
 
 
 def _platform(platform: str | None) -> str:
@@ -58,7 +68,10 @@ def recommended_compiler_options(platform: str | None = None) -> dict[str, Any]:
   """
   if _platform(platform) != "cpu":
     return {}
-  return {"xla_cpu_experimental_ynn_fusion_type": ",".join(_YNN_TYPES)}
+  options = {"xla_cpu_experimental_ynn_fusion_type": ",".join(_YNN_TYPES)}
+  if _jaxlib_minor() in _EARLY_BARRIER_EXPANDER:
+    options["xla_disable_hlo_passes"] = _BARRIER_PASS
+  return options
 
 
 def recommended_xla_flags(platform: str = "cpu") -> str:
@@ -67,9 +80,16 @@ def recommended_xla_flags(platform: str = "cpu") -> str:
   Unlike `recommended_compiler_options`, this does not ask JAX for its backend (XLA_FLAGS must be
   set before the backend starts), so the platform is an argument.
   """
+  return " ".join(f"--{name}={value}" for name, value in _recommended_flags(platform))
+
+
+def _recommended_flags(platform: str) -> list[tuple[str, str]]:
   if platform != "cpu":
-    return ""
-  return "--xla_cpu_experimental_ynn_fusion_type=" + ",".join(_YNN_FLAG_VALUES)
+    return []
+  flags = [("xla_cpu_experimental_ynn_fusion_type", ",".join(_YNN_FLAG_VALUES))]
+  if _jaxlib_minor() in _EARLY_BARRIER_EXPANDER:
+    flags.append(("xla_disable_hlo_passes", _BARRIER_PASS))
+  return flags
 
 
 def run_once_compiler_options(platform: str | None = None) -> dict[str, Any]:
@@ -107,23 +127,24 @@ def opted_out(environ: dict[str, str], name: str) -> bool:
 
 
 def apply_process_flags(environ: dict[str, str] | None = None) -> bool:
-  """Appends `recommended_xla_flags()` to XLA_FLAGS for this process (and its subprocesses).
+  """Appends the flags of `recommended_xla_flags()` to XLA_FLAGS for this process (and its
+  subprocesses).
 
   Args:
     environ: the environment to change (default os.environ; a dict in tests).
   Returns:
-    Whether the flag was added. Not added when XLA_FLAGS already mentions the option, when
-    SAMI_JAX_XLA_FLAGS is "off"/"0"/"false", or when the installed jaxlib is not one it was
-    measured on. Only CPU compiles read it; GPU and TPU ignore it.
+    Whether a flag was added. Each is left out when XLA_FLAGS already names its option (yours
+    wins); none is added when SAMI_JAX_XLA_FLAGS is "off"/"0"/"false" or when the installed
+    jaxlib is not one they were measured on. Only CPU compiles read them; GPU and TPU ignore
+    them.
   """
   env = os.environ if environ is None else environ
-  if opted_out(env, _OPT_OUT):
+  if opted_out(env, _OPT_OUT) or _jaxlib_minor() not in _MEASURED_JAXLIB:
     return False
   flags = env.get("XLA_FLAGS", "")
-  if "xla_cpu_experimental_ynn_fusion_type" in flags:
+  new = [f"--{name}={value}" for name, value in _recommended_flags("cpu") if name not in flags]
+  if not new:
     return False
-  if _jaxlib_minor() not in _MEASURED_JAXLIB:
-    return False
-  env["XLA_FLAGS"] = (flags + " " + recommended_xla_flags("cpu")).strip()
+  env["XLA_FLAGS"] = " ".join([flags, *new]).strip()
   return True
 
