@@ -35,6 +35,7 @@ This module imports JAX only inside the functions that need a backend.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -58,6 +59,15 @@ def _platform(platform: str | None) -> str:
   return platform
 
 
+def _cpu_options() -> list[tuple[str, str, str]]:
+  """The one list of recommended CPU options: (name, compiler-option value, XLA_FLAGS value)."""
+  options = [("xla_cpu_experimental_ynn_fusion_type", ",".join(_YNN_TYPES),
+              ",".join(_YNN_FLAG_VALUES))]
+  if _jaxlib_minor() in _EARLY_BARRIER_EXPANDER:
+    options.append(("xla_disable_hlo_passes", _BARRIER_PASS, _BARRIER_PASS))
+  return options
+
+
 def recommended_compiler_options(platform: str | None = None) -> dict[str, Any]:
   """Options for `jax.jit(..., compiler_options=...)` / `Lowered.compile(compiler_options=...)`.
 
@@ -68,10 +78,7 @@ def recommended_compiler_options(platform: str | None = None) -> dict[str, Any]:
   """
   if _platform(platform) != "cpu":
     return {}
-  options = {"xla_cpu_experimental_ynn_fusion_type": ",".join(_YNN_TYPES)}
-  if _jaxlib_minor() in _EARLY_BARRIER_EXPANDER:
-    options["xla_disable_hlo_passes"] = _BARRIER_PASS
-  return options
+  return {name: value for name, value, _ in _cpu_options()}
 
 
 def recommended_xla_flags(platform: str = "cpu") -> str:
@@ -80,16 +87,9 @@ def recommended_xla_flags(platform: str = "cpu") -> str:
   Unlike `recommended_compiler_options`, this does not ask JAX for its backend (XLA_FLAGS must be
   set before the backend starts), so the platform is an argument.
   """
-  return " ".join(f"--{name}={value}" for name, value in _recommended_flags(platform))
-
-
-def _recommended_flags(platform: str) -> list[tuple[str, str]]:
   if platform != "cpu":
-    return []
-  flags = [("xla_cpu_experimental_ynn_fusion_type", ",".join(_YNN_FLAG_VALUES))]
-  if _jaxlib_minor() in _EARLY_BARRIER_EXPANDER:
-    flags.append(("xla_disable_hlo_passes", _BARRIER_PASS))
-  return flags
+    return ""
+  return " ".join(f"--{name}={flag}" for name, _, flag in _cpu_options())
 
 
 def run_once_compiler_options(platform: str | None = None) -> dict[str, Any]:
@@ -108,6 +108,7 @@ def run_once_compiler_options(platform: str | None = None) -> dict[str, Any]:
           "xla_llvm_disable_expensive_passes": True}
 
 
+@functools.lru_cache(maxsize=None)
 def _jaxlib_minor() -> tuple[int, int] | None:
   from importlib import metadata  # pylint: disable=g-import-not-at-top
   try:
@@ -142,7 +143,7 @@ def apply_process_flags(environ: dict[str, str] | None = None) -> bool:
   if opted_out(env, _OPT_OUT) or _jaxlib_minor() not in _MEASURED_JAXLIB:
     return False
   flags = env.get("XLA_FLAGS", "")
-  new = [f"--{name}={value}" for name, value in _recommended_flags("cpu") if name not in flags]
+  new = [f"--{name}={flag}" for name, _, flag in _cpu_options() if name not in flags]
   if not new:
     return False
   env["XLA_FLAGS"] = " ".join([flags, *new]).strip()
