@@ -224,13 +224,21 @@ def compiled_train_step(config: ml_collections.ConfigDict, mesh, state: State, b
   return pending.result(lambda: jit_train_step(config, mesh), types)
 
 
+def _init_key(config: ml_collections.ConfigDict, mesh) -> jax.Array:
+  """The state creation's argument, replicated over the mesh: placed like that, a loaded
+  executable takes it as the compiled one does (an uncommitted key on one device is not the
+  argument type a mesh of several devices compiled for)."""
+  return jax.device_put(jax.random.PRNGKey(config.seed), sharding_lib.replicated(mesh))
+
+
 @functools.lru_cache(maxsize=4)
 def _init_executable_cached(frozen_config: ml_collections.FrozenConfigDict, mesh):
   config = ml_collections.ConfigDict(frozen_config)
-  rng = jax.random.PRNGKey(config.seed)
+  rng = _init_key(config, mesh)
 
   def make():
-    return jax.jit(lambda r: init_state(config, r), out_shardings=state_shardings(config, mesh),
+    return jax.jit(lambda r: init_state(config, r), in_shardings=rng.sharding,
+                   out_shardings=state_shardings(config, mesh),
                    compiler_options=models_lib.init_compiler_options() or None)
   return compile_cache.load_or_compile(make, (rng,), name="init",
                                        description=_program_description(config),
@@ -257,4 +265,4 @@ def state_shardings(config: ml_collections.ConfigDict, mesh) -> State:
 
 def create_sharded_state(config: ml_collections.ConfigDict, mesh) -> State:
   """The initial state, created directly with its final shardings (no host copy)."""
-  return _init_executable(config, mesh)(jax.random.PRNGKey(config.seed))
+  return _init_executable(config, mesh)(_init_key(config, mesh))

@@ -180,3 +180,35 @@ def test_a_loaded_executable_for_other_argument_types_is_compiled_again(cache_di
                              jax.device_put(host, shard))
   np.testing.assert_allclose(np.asarray(new_state["w"]), np.full(3, 4.0))
   assert float(mean) == 1.0
+
+
+def test_a_loaded_programs_results_have_a_fresh_compiles_types_and_can_be_differentiated(
+    cache_dir):
+  """The arrays a loaded executable returns carry the types it saved: they must equal a fresh
+  compile's, or tracing over them fails (jax 0.12.1: "Expected cotangent type float32[3,3,1,8]
+  but got float32[3,3,1,8]", the layout unpickled as a second `AutoLayout`)."""
+  mesh = _mesh(jax.devices()[:1])
+  repl = NamedSharding(mesh, P())
+  scale = _fresh_scale()
+
+  def make():
+    return jax.jit(lambda r: {"w": jax.random.normal(r, (3, 3, 1, 8)) * scale,
+                              "b": jnp.zeros((8,))}, out_shardings=repl)
+  rng = jax.random.PRNGKey(0)
+  fresh = compile_cache.load_or_compile(make, (rng,), name="init", description="d",
+                                        devices=mesh.devices.flat)(rng)
+  compile_cache._IN_MEMORY.clear()  # as a new process would
+  loaded = compile_cache.load_or_compile(make, (rng,), name="init", description="d",
+                                         devices=mesh.devices.flat)(rng)
+  assert len(list(cache_dir.glob("init-*.bin"))) == 1
+  for k in fresh:
+    assert jax.typeof(loaded[k]) == jax.typeof(fresh[k]), k
+  x = jnp.linspace(-1.0, 1.0, 50).reshape(2, 5, 5, 1)
+
+  def loss(p):
+    y = jax.lax.conv_general_dilated(x, p["w"], (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jnp.sum((y + p["b"]) ** 2)
+  grads = [jax.jit(jax.grad(loss))(p) for p in (fresh, loaded)]
+  for k in fresh:
+    np.testing.assert_array_equal(np.asarray(grads[0][k]), np.asarray(grads[1][k]))

@@ -135,6 +135,54 @@ def test_a_second_run_loads_the_saved_train_step_and_resumes_exactly(runs, tmp_p
   np.testing.assert_allclose(m_full[4], (m_split[3] + m_split[4]) / 2, rtol=1e-6)
 
 
+@pytest.fixture
+def compiled_here(monkeypatch):
+  """JAX's persistent cache (shared by the test session) off for one test: every program is
+  really compiled, so the executable cache saves it (one that came from JAX's cache is not)."""
+  from jax._src import compilation_cache  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_enable_compilation_cache", False)
+  compilation_cache.reset_cache()
+  yield
+  jax.config.update("jax_enable_compilation_cache", True)
+  compilation_cache.reset_cache()
+
+
+def test_two_kinds_train_steps_build_in_one_process_on_a_warm_cache(tmp_path, monkeypatch,
+                                                                      compiled_here):
+  """ddpm, then sami, in one process whose executable cache holds both kinds' state creation
+  (as `sami_jax.compare`, or the train-step benchmark, on a user's second run): each kind's train
+  step is traced over the loaded state (jax 0.12.1 failed: "Expected cotangent type float32[1]
+  but got float32[1]")."""
+  from sami_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "cache"))
+  monkeypatch.setattr(compile_cache, "_IN_MEMORY", {})
+  configs = []
+  for kind in ("ddpm", "sami"):
+    c = _tiny(str(tmp_path / "tfds"), 1)
+    c.model.kind = kind
+    configs.append(c)
+  for c in configs:  # the first run: compiled and saved
+    train_state.create_sharded_state(c, sharding_lib.make_mesh(c))
+  assert len(list((tmp_path / "cache" / "executables").glob("init-*.bin"))) == 2
+  # As the next process: nothing in memory.
+  monkeypatch.setattr(compile_cache, "_IN_MEMORY", {})
+  train_state._init_executable_cached.cache_clear()
+  train_state._jit_train_step.cache_clear()
+  compiles = []
+  real_compile = compile_cache._compile
+  monkeypatch.setattr(compile_cache, "_compile", lambda lowered: compiles.append(lowered) or
+                      real_compile(lowered))
+  for c in configs:
+    mesh = sharding_lib.make_mesh(c)
+    state = train_state.create_sharded_state(c, mesh)
+    assert not compiles  # loaded (on 8 devices too: the key is placed as it was compiled for)
+    s = c.data.image_size
+    batch = sharding_lib.global_batch(
+        {"image": np.zeros((c.train.batch_size, s, s, c.data.channels), np.float32)}, mesh)
+    assert train_state.jit_train_step(c, mesh).lower(state, batch) is not None
+  train_state._init_executable_cached.cache_clear()
+
+
 def test_celeba_without_data_says_how_to_prepare_it(tmp_path):
   proc = subprocess.run(_main_args(str(tmp_path / "wd"), str(tmp_path / "empty"),
                                    config="configs/celeba.py:test"),

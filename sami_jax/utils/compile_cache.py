@@ -118,6 +118,54 @@ def _executables_dir() -> str | None:
   return None if path is None else os.path.join(path, _EXECUTABLES)
 
 
+# A saved executable holds the types (avals) of its arguments and results, pickled; the arrays a
+# loaded executable returns carry those unpickled types. JAX compares some parts of a type by
+# identity: jax 0.12's `AutoLayout` (every array's default layout) is a module-level singleton
+# without a pickle reduction, so it came back as a second instance, and every later trace over a
+# loaded program's results (e.g. the train step's gradient over a loaded init's params) failed
+# with "Expected cotangent type float32[1] but got float32[1]". Pickled by reference, it comes
+# back as itself. A jax whose types still do not come back equal from pickle gets no executables
+# saved or loaded (JAX's own compilation cache still serves the compile): see
+# _types_survive_pickling.
+
+
+def _pickle_singletons_by_reference() -> None:
+  import copyreg  # pylint: disable=g-import-not-at-top
+  try:
+    from jax._src import layout  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return
+  cls = getattr(layout, "AutoLayoutSingleton", None)
+  if cls is not None and isinstance(getattr(layout, "AutoLayout", None), cls) and (
+      cls not in copyreg.dispatch_table):
+    # A string from a reducer means "the module-level object of that name".
+    copyreg.pickle(cls, lambda obj: "AutoLayout")
+
+
+@functools.lru_cache(maxsize=1)
+def _types_survive_pickling() -> bool:
+  """Whether an array's type comes back from pickle equal to itself (as the types held in a saved
+  executable must, for a loaded executable to behave as a compiled one)."""
+  import pickle  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
+  _pickle_singletons_by_reference()
+  try:
+    mesh = Mesh(np.array(jax.devices()[:1]), ("d",))
+    x = jax.device_put(np.zeros((2,), np.float32), NamedSharding(mesh, PartitionSpec()))
+    aval = jax.typeof(x) if hasattr(jax, "typeof") else x.aval
+    same = pickle.loads(pickle.dumps(aval)) == aval
+  except Exception as e:  # pylint: disable=broad-except
+    logging.info("Could not check how array types pickle (%s: %s).", type(e).__name__, e)
+    same = False
+  if not same:
+    logging.info("Saved executables are not used with jax %s (its array types do not survive "
+                 "pickling); programs are compiled, with JAX's compilation cache.",
+                 jax.__version__)
+  return same
+
+
 def _load(path: str, devices) -> Any | None:
   import pickle  # pylint: disable=g-import-not-at-top
   from jax.experimental import serialize_executable  # pylint: disable=g-import-not-at-top
@@ -289,7 +337,8 @@ def begin(name: str, description: str, key_args, devices) -> Pending:
   import jax  # pylint: disable=g-import-not-at-top
   devices = list(devices)
   key = None
-  if _executables_dir() is not None and jax.process_count() == 1:
+  if (_executables_dir() is not None and jax.process_count() == 1
+      and _types_survive_pickling()):
     key = executable_key(name, description, key_args, devices)
   return Pending(name, key, devices)
 
