@@ -22,7 +22,13 @@ PRIORS = ("normal", "latent_diffusion")
 DATASETS = ("disks", "disks_video", "celeba", "folder")
 SCHEDULES = ("cosine", "linear")
 WEIGHTINGS = ("simple", "elbo")
-TIME_SAMPLINGS = ("uniform", "antithetic", "high_noise", "logsnr")
+TIME_SAMPLINGS = ("uniform", "antithetic", "high_noise", "logsnr", "mixture")
+# The encoder term's draw: "shared" (the denoiser's t, eps and x_t) or a draw of its own.
+ENCODER_TIME_SAMPLINGS = ("shared",) + TIME_SAMPLINGS
+# What trains the denoiser of a SAMI run: the guided loss (joint, the paper's form) or the
+# unconditional loss (the split objective; SAMI.md, "Who learns from which term").
+DENOISER_LOSSES = ("guided", "unconditional")
+GUIDANCE_WEIGHTINGS = ("constant", "sigma_power", "cutoff")
 BETA_SCHEDULES = ("constant", "linear", "loglinear")
 SCALE_PARAMS = ("softplus", "exp")
 SAMPLERS = ("ddim", "ddpm")
@@ -91,7 +97,10 @@ def default_config() -> ml_collections.ConfigDict:
   e.attn_resolutions = ()
   e.num_groups = 8
   e.latent_dim = 3
-  e.time_conditioning = False
+  # The encoder is told the noise level: clean images at t = 0 (z ~ q(z | x0, t = 0)), noisy ones
+  # at their t (the guidance). False: a noise-blind encoder, which must guess the noise level from
+  # the image (SAMI.md; docs/experiments.md measured both).
+  e.time_conditioning = True
   e.scale_param = "softplus"  # softplus | exp (of a log-variance); the head starts at std ~= 1.
   e.min_std = 1e-3           # floor on the posterior std: bounds the guidance score.
   e.max_std = 10.0
@@ -109,10 +118,18 @@ def default_config() -> ml_collections.ConfigDict:
   f.logsnr_max = 20.0
   f.num_timesteps = 0        # 0: continuous time; T > 0: t restricted to {1/T, ..., 1}.
   f.weighting = "simple"     # simple | elbo
-  f.time_sampling = "uniform"  # uniform | antithetic | high_noise | logsnr (lambda uniform)
+  # uniform | antithetic | high_noise | logsnr (lambda uniform) | mixture (high_noise with
+  # probability mixture_high_noise, else logsnr)
+  f.time_sampling = "uniform"
   f.high_noise_power = 0.5   # high_noise: t = u ** power (power < 1 oversamples large t).
+  f.mixture_high_noise = 0.5  # mixture: the probability of the high_noise part.
   f.importance_weighting = False  # weight t by 1 / q(t): the objective stays E_{t~U(0,1)}[...]
-  f.guidance_scale = 1.0     # gamma in training.
+  f.guidance_scale = 1.0     # gamma in training (sampling.guidance_scale at sampling time).
+  # gamma(t), multiplying the guidance scale in training and sampling alike: "constant" (1),
+  # "sigma_power" (sigma_t ** guidance_power) or "cutoff" (0 where sigma_t < guidance_cutoff_sigma).
+  f.guidance_weighting = "constant"
+  f.guidance_power = 1.0
+  f.guidance_cutoff_sigma = 0.0
 
   # ----------------------------------------------------------- objective
   c.objective = o = ml_collections.ConfigDict()
@@ -121,6 +138,19 @@ def default_config() -> ml_collections.ConfigDict:
   o.beta_end = 1e-3
   o.beta_warmup_steps = 2000  # steps over which beta goes from start to end.
   o.vae_beta = 4.0           # beta_vae: the (constant) weight of its KL term.
+  # SAMI: "guided" = the denoiser and the encoder both minimise the guided loss (joint);
+  # "unconditional" = the split objective: the denoiser minimises the plain diffusion loss at its
+  # own draw (diffusion.*), the encoder the guided loss with eps_theta held fixed at the
+  # encoder's draw below. sami_frozen always trains the split's encoder term alone.
+  o.denoiser_loss = "guided"
+  # The encoder term's time draw: "shared" (the denoiser's t, eps, x_t and weighting) or its own
+  # (any diffusion.time_sampling value, with the fields below); only with the split objective
+  # or sami_frozen (the guided objective is one loss on one draw).
+  o.encoder_time_sampling = "shared"
+  o.encoder_high_noise_power = 0.3
+  o.encoder_mixture_high_noise = 0.5
+  o.encoder_importance_weighting = False
+  o.encoder_weighting = "elbo"
   o.test_inject_nan_step = -1  # testing only: make the loss NaN at this step.
 
   # --------------------------------------------------------------- optim
@@ -243,11 +273,13 @@ def use_cpu_sizes(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def use_frozen_denoiser(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Encoder-only SAMI on a frozen pre-trained denoiser (model.denoiser_checkpoint still to set):
-  half the learning rate, high noise levels oversampled (the settings SAMI.md gives this mode)."""
+  half the learning rate, high noise levels oversampled in the encoder's own draw (the settings
+  SAMI.md gives this mode)."""
   c.model.kind = "sami_frozen"
   c.optim.lr *= 0.5
-  c.diffusion.time_sampling = "high_noise"
-  c.diffusion.high_noise_power = 0.5
+  c.objective.encoder_time_sampling = "high_noise"
+  c.objective.encoder_high_noise_power = 0.5
+  c.objective.encoder_weighting = c.diffusion.weighting
   return c
 
 
@@ -420,6 +452,15 @@ _RULES = {
     "diffusion.time_sampling": _rule_choice(TIME_SAMPLINGS),
     "diffusion.high_noise_power": _rule_float(0, lo_open=True, hi=1),
     "diffusion.guidance_scale": _NONNEG, "diffusion.importance_weighting": _rule_bool,
+    "diffusion.mixture_high_noise": _rule_float(0, hi=1),
+    "diffusion.guidance_weighting": _rule_choice(GUIDANCE_WEIGHTINGS),
+    "diffusion.guidance_power": _POS, "diffusion.guidance_cutoff_sigma": _rule_float(0, hi=1),
+    "objective.denoiser_loss": _rule_choice(DENOISER_LOSSES),
+    "objective.encoder_time_sampling": _rule_choice(ENCODER_TIME_SAMPLINGS),
+    "objective.encoder_high_noise_power": _rule_float(0, lo_open=True, hi=1),
+    "objective.encoder_mixture_high_noise": _rule_float(0, hi=1),
+    "objective.encoder_importance_weighting": _rule_bool,
+    "objective.encoder_weighting": _rule_choice(WEIGHTINGS),
     "objective.beta_schedule": _rule_choice(BETA_SCHEDULES), "objective.beta_start": _POS,
     "objective.beta_end": _NONNEG, "objective.beta_warmup_steps": _NONNEG_INT,
     "objective.vae_beta": _NONNEG, "objective.test_inject_nan_step": _rule_int(-1),
@@ -508,6 +549,16 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None,
           "sami_jax/evaluation/inception.py for how to make it, or set it to '' to skip FID.")
 
   kind = kinds.get(c.model.kind)
+  if (kind.uses_guidance and kind.trains("denoiser") and o.denoiser_loss == "guided"
+      and o.encoder_time_sampling != "shared"):
+    _fail("objective.encoder_time_sampling",
+          f"{o.encoder_time_sampling!r} gives the encoder a time draw of its own, which only the "
+          "split objective has: set --config.objective.denoiser_loss=unconditional, or leave it "
+          "'shared' (the guided objective is one loss on one draw).")
+  if d.guidance_weighting == "cutoff" and not 0.0 < d.guidance_cutoff_sigma < 1.0:
+    _fail("diffusion.guidance_cutoff_sigma",
+          f"the cutoff weighting switches the guidance off where sigma_t is below it, so it needs "
+          f"0 < guidance_cutoff_sigma < 1 (got {d.guidance_cutoff_sigma}).")
   nets = [(kind.image_model, c.model[kind.image_model]), ("encoder", c.model.encoder)]
   for name, sub in nets:
     levels = len(sub.ch_mult)

@@ -101,11 +101,17 @@ def encode_clean(encode_fn: EncodeFn, x0: jax.Array) -> tuple[jax.Array, jax.Arr
 
 
 def guided_eps(eps_theta: jax.Array, encode_fn: EncodeFn, x_t: jax.Array, t: jax.Array,
-               z: jax.Array, sigma_t: jax.Array, gamma: float | jax.Array
+               z: jax.Array, schedule: schedules.Schedule, scale: float | jax.Array
                ) -> tuple[jax.Array, jax.Array]:
-  """eps_hat = eps_theta - gamma * sigma_t * g_t. Returns (eps_hat, the correction gamma*sigma*g)."""
+  """eps_hat = eps_theta - scale * gamma(t) * sigma_t * g_t, gamma(t) the schedule's guidance
+  weight (1 unless diffusion.guidance_weighting says otherwise).
+
+  eps_theta, x_t: [B, H, W, C]; t: [B]; z: [B, d]; scale: the guidance scale (scalar).
+  Returns (eps_hat, the correction scale * gamma(t) * sigma_t * g_t), both [B, H, W, C].
+  """
   g = guidance_score(encode_fn, x_t, z, t)
-  correction = gamma * sigma_t[:, None, None, None] * g
+  per_example = scale * schedule.guidance_weight(t) * schedule.sigma(t)
+  correction = per_example[:, None, None, None] * g
   return eps_theta - correction, correction
 
 
@@ -163,31 +169,55 @@ def make_vae_loss_fn(config, decoder, encoder) -> LossFn:
 LATENT_ROUTES = ("guidance", "adagn", "none")
 
 
+def _draw(schedule: schedules.Schedule, x0: jax.Array, rng_t: jax.Array, rng_eps: jax.Array,
+          weighting: str):
+  """One draw of the forward process: (t [B], weight [B], eps, x_t [B, H, W, C])."""
+  t, w = schedule.sample_times(rng_t, x0.shape[0], weighting)
+  alpha, sigma = schedule.alpha_sigma(t)
+  eps = rngs.normal(rng_eps, x0.shape, x0.dtype)
+  return t, w, eps, diffuse(x0, eps, alpha, sigma)
+
+
+def _sq_err(eps: jax.Array, pred: jax.Array) -> jax.Array:
+  """Mean over pixels of (eps - pred)^2: [B, H, W, C] -> [B]."""
+  return jnp.mean((eps - pred) ** 2, axis=(1, 2, 3))
+
+
 def make_diffusion_loss_fn(config, denoiser, encoder, schedule: schedules.Schedule, *,
                            latent: str, frozen_denoiser: bool = False) -> LossFn:
   """Builds the pure loss `(params, batch, rng, step, *, train=True) -> (loss, per-example terms)`
   of a diffusion model whose latent reaches the denoiser by `latent`:
 
-    "guidance"  SAMI: eps_hat = eps_theta(x_t, t) - gamma sigma_t grad_x log q(z | x_t),
-                z ~ q(z | x0), plus beta * KL(q(z | x0) || N(0, I)).
+    "guidance"  SAMI: eps_hat = eps_theta(x_t, t) - gamma(t) sigma_t grad_x log q(z | x_t),
+                z ~ q(z | x0), plus beta * KL(q(z | x0) || N(0, I)). Who learns from which term
+                (config.objective.denoiser_loss; SAMI.md):
+                  "guided" (joint): loss = w ||eps - eps_hat||^2 + beta KL, for both nets, on
+                    one draw (diffusion.*);
+                  "unconditional" (split): loss = w ||eps - eps_theta||^2 at the denoiser's draw
+                    + w_e ||eps_e - eps_hat_e||^2 with eps_theta held fixed (stop-gradient) at
+                    the encoder's draw (objective.encoder_*, or the same draw when "shared")
+                    + beta KL. The denoiser's gradient is then exactly the ddpm kind's.
+                frozen_denoiser (sami_frozen): the split's encoder term alone (+ beta KL).
     "adagn"     DiffAE: eps_hat = eps_theta(x_t, t, cond=mean(x0)) (a deterministic encoder
                 feeding adaptive group norm; no KL, no guidance).
     "none"      plain DDPM/VDM: eps_hat = eps_theta(x_t, t).
-
-  frozen_denoiser: the denoiser's params are stop-gradiented (encoder-only training).
 
   params: {"denoiser": ..., "encoder": ...}; batch["image"]: [B, H, W, C] in [-1, 1]; an optional
   batch["mask"]: [B] bool marks real rows (padding in evaluation). rng: a key used only for this
   step (the caller folds in the step). The loss is normalised per pixel so that it is of order 1
   (0.5 * ... is not applied: with the "simple" weighting the diffusion term is the mean squared error
   of the noise prediction). Terms (each [B]; only those the route has):
-    diffusion: weight * mean over pixels of ||eps - eps_hat||^2, weight = w(t) (and 1 / q(t)
-               with importance weighting; Schedule.sample_times)               (every route)
-    mse_uncond: mean over pixels of ||eps - eps_theta||^2 (the denoiser alone)   (guidance)
+    diffusion: what the loss minimises of the noise prediction: weight * mean over pixels of
+               ||eps - eps_hat||^2 (guided), or the sum of the split's two terms; weight = w(t)
+               (and 1 / q(t) with importance weighting; Schedule.sample_times)   (every route)
+    mse_uncond: mean over pixels of ||eps - eps_theta||^2 (the denoiser alone), on the
+                encoder's draw                                               (guidance)
+    guidance_gain: mse_uncond minus the guided prediction's MSE on the same draw: > 0 when the
+                   latent improves the noise prediction                      (guidance)
     kl: KL(q(z|x0) || N(0, I)) in nats                                       (guidance)
-    guidance_norm: RMS over pixels of gamma * sigma_t * g_t                   (guidance)
+    guidance_norm: RMS over pixels of gamma(t) * sigma_t * g_t               (guidance)
     posterior_std: mean over latent dims of std(x0)                           (guidance)
-    t: the sampled times                                                      (every route)
+    t: the sampled times (the encoder's draw for guidance)                    (every route)
   """
   if latent not in LATENT_ROUTES:
     raise ValueError(f"latent={latent!r} is not one of {LATENT_ROUTES}.")
@@ -195,6 +225,11 @@ def make_diffusion_loss_fn(config, denoiser, encoder, schedule: schedules.Schedu
   gamma = config.diffusion.guidance_scale
   time_conditioning = config.model.encoder.time_conditioning
   nan_step = config.objective.test_inject_nan_step
+  # Whether the denoiser learns from the guided loss (joint) or from the plain loss (split).
+  split = latent == "guidance" and (frozen_denoiser
+                                    or config.objective.denoiser_loss == "unconditional")
+  encoder_schedule = schedules.encoder_draw(config, schedule) if split else None
+  encoder_weighting = config.objective.encoder_weighting
 
   def loss_fn(params: dict[str, Any], batch: dict[str, jax.Array], rng: jax.Array,
               step: jax.Array, *, train: bool = True):
@@ -202,38 +237,52 @@ def make_diffusion_loss_fn(config, denoiser, encoder, schedule: schedules.Schedu
     chex.assert_rank(x0, 4)
     num_pixels = math.prod(x0.shape[1:])
     rng_t, rng_eps, rng_z, rng_drop = jax.random.split(rng, 4)
-
-    t, w = schedule.sample_times(rng_t, x0.shape[0], weighting)
-    alpha, sigma = schedule.alpha_sigma(t)
-    eps = rngs.normal(rng_eps, x0.shape, x0.dtype)
-    x_t = diffuse(x0, eps, alpha, sigma)
+    t, w, eps, x_t = _draw(schedule, x0, rng_t, rng_eps, weighting)
 
     den_params = params["denoiser"]
     if frozen_denoiser:
       den_params = jax.lax.stop_gradient(den_params)
     encode_fn = bind_encoder(encoder, params["encoder"], time_conditioning)
     cond = {"cond": encode_clean(encode_fn, x0)[0]} if latent == "adagn" else {}
-    eps_theta = denoiser.apply({"params": den_params}, x_t, t, train=train,
-                               rngs={"dropout": rng_drop}, **cond)
+    denoise = lambda x, tt, p=den_params, **kw: denoiser.apply(
+        {"params": p}, x, tt, train=train, rngs={"dropout": rng_drop}, **kw)
+
+    if latent != "guidance":
+      eps_theta = denoise(x_t, t, **cond)
+      chex.assert_equal_shape((eps_theta, x0))
+      diffusion = w * _sq_err(eps, eps_theta)
+      loss = _inject_nan(_batch_mean(diffusion, batch), step, nan_step)
+      return loss, {"t": t, "diffusion": diffusion}
+
+    mean0, std0 = encode_clean(encode_fn, x0)
+    z = mean0 + std0 * rngs.normal(rng_z, mean0.shape, mean0.dtype)
+    kl = kl_to_standard_normal(mean0, std0)
+    denoiser_term = jnp.zeros_like(t)
+    if not split:  # guided: both nets learn from the guided loss on this draw
+      eps_theta = denoise(x_t, t)
+      t_e, w_e, eps_e, x_te = t, w, eps, x_t
+    else:
+      if not frozen_denoiser:  # the plain diffusion loss trains the denoiser
+        eps_den = denoise(x_t, t)
+        denoiser_term = w * _sq_err(eps, eps_den)
+      if encoder_schedule is None:  # "shared": the encoder learns on the denoiser's draw
+        t_e, w_e, eps_e, x_te = t, w, eps, x_t
+        eps_theta = eps_den if not frozen_denoiser else denoise(x_t, t)
+      else:
+        t_e, w_e, eps_e, x_te = _draw(encoder_schedule, x0,
+                                      *jax.random.split(jax.random.fold_in(rng, 1)),
+                                      encoder_weighting)
+        eps_theta = denoise(x_te, t_e)
+      eps_theta = jax.lax.stop_gradient(eps_theta)
     chex.assert_equal_shape((eps_theta, x0))
-
-    terms = {"t": t}
-    eps_hat = eps_theta
-    per_example = jnp.zeros_like(t)
-    if latent == "guidance":
-      mean0, std0 = encode_clean(encode_fn, x0)
-      z = mean0 + std0 * rngs.normal(rng_z, mean0.shape, mean0.dtype)
-      eps_hat, correction = guided_eps(eps_theta, encode_fn, x_t, t, z, sigma, gamma)
-      kl = kl_to_standard_normal(mean0, std0)
-      per_example = beta_at(config.objective, step) * kl / num_pixels
-      terms.update(
-          mse_uncond=jnp.mean((eps - eps_theta) ** 2, axis=(1, 2, 3)), kl=kl,
-          guidance_norm=jnp.sqrt(jnp.mean(correction ** 2, axis=(1, 2, 3))),
-          posterior_std=jnp.mean(std0, axis=-1))
-
-    diffusion = w * jnp.mean((eps - eps_hat) ** 2, axis=(1, 2, 3))
-    per_example = per_example + diffusion
-    terms["diffusion"] = diffusion
+    eps_hat, correction = guided_eps(eps_theta, encode_fn, x_te, t_e, z, schedule, gamma)
+    mse_uncond, mse_guided = _sq_err(eps_e, eps_theta), _sq_err(eps_e, eps_hat)
+    diffusion = denoiser_term + w_e * mse_guided
+    per_example = diffusion + beta_at(config.objective, step) * kl / num_pixels
+    terms = {"t": t_e, "diffusion": diffusion, "mse_uncond": mse_uncond,
+             "guidance_gain": mse_uncond - mse_guided, "kl": kl,
+             "guidance_norm": jnp.sqrt(jnp.mean(correction ** 2, axis=(1, 2, 3))),
+             "posterior_std": jnp.mean(std0, axis=-1)}
     loss = _inject_nan(_batch_mean(per_example, batch), step, nan_step)
     return loss, terms
 

@@ -94,12 +94,13 @@ def sample(eps_fn: EpsFn, schedule: schedules.Schedule, x_init: jax.Array, rng: 
 def conditional_eps_fn(denoiser, encoder, params, z: jax.Array, *, gamma: float = 1.0,
                        time_conditioning: bool = False,
                        schedule: schedules.Schedule) -> EpsFn:
-  """eps_hat(x_t, t, z) = eps_theta(x_t, t) - gamma * sigma_t * grad_x log q(z | x_t)."""
+  """eps_hat(x_t, t, z) = eps_theta(x_t, t) - gamma * gamma(t) * sigma_t * grad_x log q(z | x_t),
+  gamma(t) the schedule's guidance weight (the one the run trained with)."""
   encode_fn = objective.bind_encoder(encoder, params["encoder"], time_conditioning)
 
   def eps_fn(x, t):
     eps_theta = denoiser.apply({"params": params["denoiser"]}, x, t, train=False)
-    eps_hat, _ = objective.guided_eps(eps_theta, encode_fn, x, t, z, schedule.sigma(t), gamma)
+    eps_hat, _ = objective.guided_eps(eps_theta, encode_fn, x, t, z, schedule, gamma)
     return eps_hat
   return eps_fn
 

@@ -35,12 +35,22 @@ class Schedule:
     num_timesteps: 0 for continuous time; T > 0 restricts sampled t to the grid {1/T, ..., 1}.
     time_sampling: how training draws t (see `sample_times`): "uniform", "antithetic"
       (stratified: one shared uniform offset, a variance reduction from VDM), "high_noise"
-      (t = u ** high_noise_power, oversampling large t) or "logsnr" (lambda uniform on the
-      schedule's range [logsnr(1), logsnr(0)], t = t_from_logsnr(lambda)).
-    high_noise_power: exponent for "high_noise"; 1.0 is uniform.
+      (t = u ** high_noise_power, oversampling large t), "logsnr" (lambda uniform on the
+      schedule's range [logsnr(1), logsnr(0)], t = t_from_logsnr(lambda)) or "mixture" (each
+      t from "high_noise" with probability mixture_high_noise, else from "logsnr": the highest
+      noise levels oversampled while every noise level, the lowest included, stays in play).
+    high_noise_power: exponent for "high_noise" (and the mixture's high-noise part); 1.0 is
+      uniform.
+    mixture_high_noise: the mixture's probability of the high-noise part, in [0, 1].
     importance_weighting: weight each drawn t by 1 / q(t), q the density it was drawn from, so
       that the training objective is the same expectation over t ~ U(0, 1) whatever the sampling
-      (the ELBO stays the ELBO); without it, "high_noise" and "logsnr" change what is optimised.
+      (the ELBO stays the ELBO); without it, "high_noise", "logsnr" and "mixture" change what is
+      optimised.
+    guidance_weighting: gamma(t), the weight of the guidance correction at time t (`guidance_
+      weight`), the same in training and sampling: "constant" (1), "sigma_power" (sigma_t **
+      guidance_power: the correction fades at low noise) or "cutoff" (1 where sigma_t >=
+      guidance_cutoff_sigma, 0 below: no guidance at the lowest noise levels).
+    guidance_power, guidance_cutoff_sigma: the parameters of those.
   """
   kind: str = "cosine"
   cosine_s: float = 0.008
@@ -51,7 +61,11 @@ class Schedule:
   num_timesteps: int = 0
   time_sampling: str = "uniform"
   high_noise_power: float = 0.5
+  mixture_high_noise: float = 0.5
   importance_weighting: bool = False
+  guidance_weighting: str = "constant"
+  guidance_power: float = 1.0
+  guidance_cutoff_sigma: float = 0.0
 
   def _cosine_consts(self) -> tuple[float, float, float]:
     """(c, cos(s c), sin(s c)) with c = pi / (2 (1 + s)): u_t = (t + s) c is the cosine's angle."""
@@ -157,6 +171,22 @@ class Schedule:
     _, dlam = jax.jvp(self.logsnr, (t,), (jnp.ones_like(t),))
     return -0.5 * dlam
 
+  def guidance_weight(self, t: jax.Array) -> jax.Array:
+    """gamma(t), the weight of the guidance correction -sigma_t g_t at time t (elementwise).
+
+    Multiplies the guidance scale in training and sampling alike (objective.guided_eps).
+    """
+    t = jnp.asarray(t, jnp.float32)
+    if self.guidance_weighting == "constant":
+      return jnp.ones_like(t)
+    sigma = self.sigma(t)
+    if self.guidance_weighting == "sigma_power":
+      return sigma ** self.guidance_power
+    if self.guidance_weighting == "cutoff":
+      return (sigma >= self.guidance_cutoff_sigma).astype(jnp.float32)
+    raise ValueError(f"unknown guidance_weighting {self.guidance_weighting!r}; use 'constant', "
+                     "'sigma_power' or 'cutoff'.")
+
   def sample_t(self, rng: jax.Array, n: int) -> jax.Array:
     """n diffusion times in [0, 1], shape [n], drawn as `time_sampling` says."""
     return self.sample_times(rng, n, "simple")[0]
@@ -172,11 +202,14 @@ class Schedule:
     product is the constant (lambda_0 - lambda_1) / 2 (lambda uniform on its range, as in the
     bound of evaluation/elbo.py): the ELBO with far less variance than t ~ U(0, 1) gives it.
     ("high_noise" with importance weighting is unbiased too, but with the "elbo" weighting its
-    weight ~ 1/t * 1/q(t) at small t has an infinite variance: use "logsnr" for the ELBO.)
+    weight ~ 1/t * 1/q(t) at small t has an infinite variance: use "logsnr" for the ELBO, or
+    "mixture", whose logsnr part keeps the weight below (lambda_0 - lambda_1) / (2 (1 - f)).)
     """
     if weighting not in ("simple", "elbo"):
       raise ValueError(f"unknown weighting {weighting!r}; use 'simple' or 'elbo'.")
     kind = self.time_sampling
+    if kind == "mixture":
+      return self._sample_mixture(rng, n, weighting)
     if kind == "logsnr":
       lam1, lam0 = self.logsnr_range()
       lam = lam1 + jax.random.uniform(rng, (n,)) * (lam0 - lam1)
@@ -194,7 +227,7 @@ class Schedule:
       u = jax.random.uniform(rng, (n,))
     else:
       raise ValueError(f"unknown time_sampling {kind!r}; use 'uniform', 'antithetic', "
-                       "'high_noise' or 'logsnr'.")
+                       "'high_noise', 'logsnr' or 'mixture'.")
     inv_q = jnp.ones((n,), jnp.float32)
     if kind == "high_noise":
       p = self.high_noise_power
@@ -211,6 +244,35 @@ class Schedule:
     w = self.elbo_weight(t) if weighting == "elbo" else jnp.ones_like(t)
     return t, w * inv_q
 
+  def _sample_mixture(self, rng: jax.Array, n: int, weighting: str
+                      ) -> tuple[jax.Array, jax.Array]:
+    """"mixture": t = u ** p with probability f (= mixture_high_noise), else lambda uniform.
+
+    Its density is q(t) = f t^(1/p - 1) / p + (1 - f) |dlambda/dt| / (lambda_0 - lambda_1), which
+    importance weighting divides by.
+    """
+    rng_pick, rng_high, rng_lam = jax.random.split(rng, 3)
+    f, p = self.mixture_high_noise, self.high_noise_power
+    lam1, lam0 = self.logsnr_range()
+    t_lam = self.t_from_logsnr(lam1 + jax.random.uniform(rng_lam, (n,)) * (lam0 - lam1))
+    t_high = jnp.maximum(jax.random.uniform(rng_high, (n,)), 1e-12) ** p
+    t = jnp.where(jax.random.uniform(rng_pick, (n,)) < f, t_high, t_lam)
+    t = jnp.maximum(t, 1e-5)  # sigma_t > 0
+    ew = self.elbo_weight(t)
+    w = ew if weighting == "elbo" else jnp.ones_like(t)
+    if self.importance_weighting:
+      q = f * t ** (1.0 / p - 1.0) / p + (1.0 - f) * 2.0 * ew / (lam0 - lam1)
+      w = w / jnp.maximum(q, 1e-20)
+    return t, w
+
+  def with_draw(self, time_sampling: str, high_noise_power: float, mixture_high_noise: float,
+                importance_weighting: bool) -> "Schedule":
+    """The same schedule (alpha, sigma, gamma(t)) with another way of drawing training times."""
+    return dataclasses.replace(self, time_sampling=time_sampling,
+                               high_noise_power=high_noise_power,
+                               mixture_high_noise=mixture_high_noise,
+                               importance_weighting=importance_weighting)
+
   def logsnr_range(self) -> tuple[float, float]:
     """(lambda_1, lambda_0) = (logsnr(1), logsnr(0)) as Python floats: the range training with
     "logsnr" sampling and the bound cover. Evaluated eagerly, also while a jitted function
@@ -221,10 +283,23 @@ class Schedule:
 
 
 def from_config(config) -> Schedule:
-  """The schedule described by `config.diffusion`."""
+  """The schedule described by `config.diffusion` (its time draw: the denoiser's)."""
   d = config.diffusion
   return Schedule(kind=d.schedule, cosine_s=d.cosine_s, beta_start=d.linear_beta_start,
                   beta_end=d.linear_beta_end, logsnr_min=d.logsnr_min, logsnr_max=d.logsnr_max,
                   num_timesteps=d.num_timesteps, time_sampling=d.time_sampling,
                   high_noise_power=d.high_noise_power,
-                  importance_weighting=d.importance_weighting)
+                  mixture_high_noise=d.mixture_high_noise,
+                  importance_weighting=d.importance_weighting,
+                  guidance_weighting=d.guidance_weighting, guidance_power=d.guidance_power,
+                  guidance_cutoff_sigma=d.guidance_cutoff_sigma)
+
+
+def encoder_draw(config, schedule: Schedule) -> Schedule | None:
+  """The schedule with the encoder term's own time draw (`config.objective.encoder_*`), or None
+  when the encoder learns on the denoiser's draw (objective.encoder_time_sampling = "shared")."""
+  o = config.objective
+  if o.encoder_time_sampling == "shared":
+    return None
+  return schedule.with_draw(o.encoder_time_sampling, o.encoder_high_noise_power,
+                            o.encoder_mixture_high_noise, o.encoder_importance_weighting)
