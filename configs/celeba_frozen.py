@@ -8,6 +8,8 @@ Only the encoder trains: lower learning rate, high noise levels oversampled.
 import importlib.util
 import os
 
+from sami_jax import configlib
+
 
 def get_config(arg: str | None = None):
   path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "celeba.py")
@@ -15,9 +17,7 @@ def get_config(arg: str | None = None):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   c = module.get_config(arg)
-  c.model.kind = "sami_frozen"
+  configlib.use_frozen_denoiser(c)  # the encoder's own draw: t = u^0.5
   c.optim.lr = 5e-5
-  c.diffusion.time_sampling = "high_noise"
-  c.diffusion.high_noise_power = 0.5
   c.train.num_steps = 100000 if not arg else c.train.num_steps
   return c

@@ -44,7 +44,7 @@ def test_folder_configs_validate_once_given_a_folder(arg):
 @pytest.mark.parametrize("name,arg", [("celeba_frozen", None), ("disks", "frozen")])
 def test_frozen_config_needs_a_checkpoint(name, arg):
   c = load_config(name, arg)
-  assert c.model.kind == "sami_frozen" and c.diffusion.time_sampling == "high_noise"
+  assert c.model.kind == "sami_frozen" and c.objective.encoder_time_sampling == "high_noise"
   with pytest.raises(configlib.ConfigError, match="denoiser_checkpoint"):
     configlib.validate(c)
   c.model.denoiser_checkpoint = "/some/run"
@@ -105,6 +105,12 @@ def _set(c, path, value):
     ("model.denoiser.ch_mult", (), r"config\.model\.denoiser\.ch_mult: must be a tuple"),
     ("objective.beta_end", 0.0, r"config\.objective\.beta_end: must be > 0 for the loglinear"),
     ("diffusion.linear_beta_start", 0.5, r"linear_beta_start: must be below"),
+    ("objective.denoiser_loss", "plain", r"config\.objective\.denoiser_loss: 'plain'"),
+    ("objective.encoder_time_sampling", "high_noise",
+     r"config\.objective\.encoder_time_sampling: .*denoiser_loss=unconditional"),
+    ("diffusion.guidance_weighting", "cutoff", r"config\.diffusion\.guidance_cutoff_sigma: .*0 <"),
+    ("diffusion.guidance_cutoff_sigma", 1.5, r"config\.diffusion\.guidance_cutoff_sigma: must"),
+    ("diffusion.mixture_high_noise", -0.1, r"config\.diffusion\.mixture_high_noise: must"),
 ])
 def test_each_validation_failure_has_its_message(path, value, message):
   c = configlib.default_config()

@@ -73,8 +73,18 @@ def test_from_config_reads_diffusion_fields():
   c = configlib.default_config()
   c.diffusion.schedule = "linear"
   c.diffusion.num_timesteps = 7
+  c.diffusion.guidance_weighting, c.diffusion.guidance_power = "sigma_power", 2.0
+  c.diffusion.time_sampling, c.diffusion.mixture_high_noise = "mixture", 0.2
   s = schedules.from_config(c)
   assert s.kind == "linear" and s.num_timesteps == 7
+  assert (s.guidance_weighting, s.guidance_power) == ("sigma_power", 2.0)
+  assert (s.time_sampling, s.mixture_high_noise) == ("mixture", 0.2)
+  # The encoder's own draw (the split objective): the same schedule, another time draw.
+  assert schedules.encoder_draw(c, s) is None  # "shared" by default
+  c.objective.encoder_time_sampling, c.objective.encoder_high_noise_power = "high_noise", 0.4
+  e = schedules.encoder_draw(c, s)
+  assert (e.time_sampling, e.high_noise_power, e.kind, e.guidance_power) == (
+      "high_noise", 0.4, "linear", 2.0)
 
 
 # ------------------------------------------------------------------ log-SNR <-> t, against float64
@@ -191,7 +201,8 @@ def test_logsnr_to_t_to_logsnr_round_trip(kind):
 
 
 @pytest.mark.parametrize("sampling,power", [("uniform", 0.5), ("antithetic", 0.5),
-                                            ("high_noise", 0.5), ("logsnr", 0.5)])
+                                            ("high_noise", 0.5), ("logsnr", 0.5),
+                                            ("mixture", 0.3)])
 @pytest.mark.parametrize("weighting", ["simple", "elbo"])
 def test_importance_weighted_times_keep_the_uniform_objective(sampling, power, weighting):
   """E_q[weight f(t)] == int_0^1 w(t) f(t) dt for a smooth f, whatever q: the objective (the ELBO
@@ -234,7 +245,7 @@ def test_logsnr_sampling_is_uniform_in_lambda_with_the_constant_elbo_weight():
   np.testing.assert_allclose(counts / len(lam), 0.1, atol=4 * math.sqrt(0.09 / len(lam)))
 
 
-@pytest.mark.parametrize("sampling", ["uniform", "antithetic", "high_noise", "logsnr"])
+@pytest.mark.parametrize("sampling", ["uniform", "antithetic", "high_noise", "logsnr", "mixture"])
 @pytest.mark.parametrize("importance_weighting", [False, True])
 def test_time_sampling_traces_inside_jit(sampling, importance_weighting):
   """The train step draws its times inside jax.jit: every scheme must trace there (the logsnr
@@ -246,3 +257,34 @@ def test_time_sampling_traces_inside_jit(sampling, importance_weighting):
   t, w = sched.sample_times(key, 64, "elbo")
   np.testing.assert_allclose(np.asarray(t_jit), np.asarray(t), rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(np.asarray(w_jit), np.asarray(w), rtol=1e-5)
+
+
+def test_mixture_draws_both_parts_in_proportion():
+  """"mixture": a fraction f of the draws from t = u^p (here above 0.9 with probability
+  1 - 0.9^(1/p)), the rest lambda-uniform (which puts draws at low noise, t < 0.1)."""
+  f, p, n = 0.25, 0.3, 200_000
+  sched = schedules.Schedule(kind="cosine", time_sampling="mixture", high_noise_power=p,
+                             mixture_high_noise=f)
+  t = np.asarray(sched.sample_times(jax.random.PRNGKey(4), n, "simple")[0], np.float64)
+  lam1, lam0 = sched.logsnr_range()
+  lam_09 = float(sched.logsnr(jnp.float32(0.9)))
+  lam_01 = float(sched.logsnr(jnp.float32(0.1)))
+  expect_high = f * (1 - 0.9 ** (1 / p)) + (1 - f) * (lam_09 - lam1) / (lam0 - lam1)
+  expect_low = f * 0.1 ** (1 / p) + (1 - f) * (lam0 - lam_01) / (lam0 - lam1)
+  se = lambda q: 4 * math.sqrt(q * (1 - q) / n)
+  assert abs(np.mean(t > 0.9) - expect_high) < se(expect_high)
+  assert abs(np.mean(t < 0.1) - expect_low) < se(expect_low)
+
+
+def test_guidance_weight():
+  t = jnp.array([0.05, 0.2, 0.5, 0.9, 1.0])  # (t = 0 is capped: sigma_0 = 2^-11.5)
+  base = schedules.Schedule()
+  sigma = np.sqrt(1 - np.cos((np.asarray(t) + 0.008) / 1.008 * np.pi / 2) ** 2
+                  / np.cos(0.008 / 1.008 * np.pi / 2) ** 2)
+  np.testing.assert_array_equal(base.guidance_weight(t), 1.0)
+  power = schedules.Schedule(guidance_weighting="sigma_power", guidance_power=1.5)
+  np.testing.assert_allclose(power.guidance_weight(t), sigma ** 1.5, rtol=1e-4, atol=1e-6)
+  cut = schedules.Schedule(guidance_weighting="cutoff", guidance_cutoff_sigma=0.5)
+  np.testing.assert_array_equal(cut.guidance_weight(t), (sigma >= 0.5).astype(np.float32))
+  with pytest.raises(ValueError, match="guidance_weighting"):
+    schedules.Schedule(guidance_weighting="ramp").guidance_weight(t)

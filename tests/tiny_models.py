@@ -22,6 +22,23 @@ class TinyEncoder(nn.Module):
     return mean, std
 
 
+class TimeTinyEncoder(nn.Module):
+  """A noise-aware TinyEncoder: t [B] enters beside the pixels (required, as in the real encoder
+  with time_conditioning=True), so its output depends on the noise level."""
+  latent_dim: int = 2
+  hidden: int = 8
+
+  @nn.compact
+  def __call__(self, x, t=None, *, train=False):
+    if t is None:
+      raise ValueError("TimeTinyEncoder needs t")
+    h = jnp.concatenate([x.reshape((x.shape[0], -1)), 3.0 * t[:, None]], axis=-1)
+    h = nn.tanh(nn.Dense(self.hidden)(h))
+    mean = nn.Dense(self.latent_dim)(h)
+    std = 0.5 + jax.nn.softplus(nn.Dense(self.latent_dim)(h))
+    return mean, std
+
+
 class ConstantEncoder(nn.Module):
   """Output independent of the input: its guidance score is exactly zero."""
   latent_dim: int = 2
