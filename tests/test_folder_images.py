@@ -197,3 +197,17 @@ def test_splits_are_never_empty(tmp_path):
   splits = folder.assign_splits(sorted(held_out))
   first = min(held_out, key=lambda n: zlib.crc32(n.encode("utf-8")))
   assert splits == {"train": [n for n in sorted(held_out) if n != first], "test": [first]}
+
+
+def test_hidden_image_files_are_skipped_and_listed_with_the_reason(tmp_path):
+  root = tmp_path / "images"
+  root.mkdir()
+  for name in ("a.png", ".hidden.png", "._a.png"):
+    Image.new("L", (4, 4), 100).save(root / name, format="PNG")
+  (root / ".DS_Store").write_bytes(b"not an image, not listed")
+  found, skipped = folder.scan_folder(str(root))
+  assert found == ["a.png"]
+  assert skipped == [
+      "._a.png (a macOS metadata file (._name), not an image)",
+      ".hidden.png (a hidden file: remove the leading '.' from its name to use it)",
+  ], skipped

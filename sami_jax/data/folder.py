@@ -10,10 +10,11 @@ so adding, removing or editing an image rebuilds, and an unchanged folder is reu
 
 Images: every file under config.data.folder, recursively, whose extension (any case) belongs to
 a format PIL can read (`EXTENSIONS`: PNG, JPEG, GIF, TIFF, BMP, WebP, PPM, TGA, ...), sorted by
-relative path; hidden files (".name") are ignored. Symbolic links are followed, to files and to
-directories (each directory is visited once, so a link loop ends). Files that cannot be listed
-are skipped and reported with the reason: a dangling symbolic link, a link loop, a file name that
-is not valid UTF-8 (rename it), a directory that cannot be read.
+relative path. Symbolic links are followed, to files and to directories (each directory is
+visited once, so a link loop ends). Files that cannot be listed are skipped and reported with the
+reason: a dangling symbolic link, a link loop, a file name that is not valid UTF-8 (rename it), a
+directory that cannot be read, a hidden image file (".name.png"; macOS's "._name.png" metadata
+files among them).
 
 Each image is decoded from its first frame (animated GIF / WebP / PNG, multi-page TIFF),
 EXIF-rotated, brought to 8 bits, resized so its shorter side is config.data.image_size and
@@ -88,6 +89,12 @@ def _printable(relpath: str) -> str:
   return os.fsencode(relpath).decode("utf-8", "backslashreplace")
 
 
+# Why a hidden file with an image extension is skipped: macOS writes "._NAME" (AppleDouble: the
+# metadata of NAME, not an image) next to every file it copies to a non-Mac disk.
+_HIDDEN_REASON = {True: "a macOS metadata file (._name), not an image",
+                  False: "a hidden file: remove the leading '.' from its name to use it"}
+
+
 def scan_folder(folder: str) -> tuple[list[str], list[str]]:
   """The image files under `folder` (module docstring) and the ones that cannot be used.
 
@@ -130,8 +137,11 @@ def scan_folder(folder: str) -> tuple[list[str], list[str]]:
         is_dir = entry.is_dir(follow_symlinks=True)
       except OSError:
         is_dir = False
-      if not is_dir and (name.startswith(".") or not name.lower().endswith(EXTENSIONS)):
+      if not is_dir and not name.lower().endswith(EXTENSIONS):
         continue  # not an image file
+      if not is_dir and name.startswith("."):
+        skipped.append(f"{_printable(path_rel)} ({_HIDDEN_REASON[name.startswith('._')]})")
+        continue
       try:
         name.encode("utf-8")
       except UnicodeEncodeError:
