@@ -112,12 +112,39 @@ def flag_error_line(error: BaseException, argv: list[str]) -> tuple[str, int] | 
   return None
 
 
+def stray_argument_line(stray: list[str], argv: list[str]) -> str:
+  """One line for arguments that are not options (the command lines take none), with the likely
+  fix: a value given after a flag without `=` (`--config.train.write_grids false` sets the flag to
+  true and leaves `false` over), a field without the `--config.` prefix (`optim.lr=0.1`), or a
+  missing `--`."""
+  arg = stray[0]
+  more = f" (and {len(stray) - 1} more: {stray[1:]})" if len(stray) > 1 else ""
+  position = argv.index(arg) if arg in argv else -1
+  before = argv[position - 1] if position > 0 else ""
+  if before.startswith("--") and len(before) > 2 and "=" not in before:
+    return (f"Error: unexpected argument {arg!r} after {before}{more}: give a flag's value with "
+            f"'=': {before}={arg}.")
+  name = arg.lstrip("-")
+  if "=" in arg and name.startswith("config."):
+    return f"Error: unexpected argument {arg!r}{more}: options start with '--': --{name}."
+  if "=" in arg and not arg.startswith("-"):
+    return (f"Error: unexpected argument {arg!r}{more}: a config field needs the --config. "
+            f"prefix: --config.{arg} (every field is defined in sami_jax/configlib.py).")
+  return (f"Error: unexpected argument {arg!r}{more}: this command takes only options "
+          "(--config=FILE, --workdir=DIR, --config.SECTION.FIELD=VALUE); a value needs its flag "
+          "and '=', e.g. --config.optim.lr=0.001.")
+
+
 def parse_flags(argv: list[str], config_flag) -> list[str]:
   """absl's flag parsing, with the --config file loaded at once, and every user mistake in it
-  reported in one line (see flag_error_line) instead of a stack trace."""
+  (a stray argument included) reported in one line (see flag_error_line) instead of a stack
+  trace or the flags' help."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   try:
     rest = flags.FLAGS(argv)
+    if len(rest) > 1:
+      print(stray_argument_line(rest[1:], argv), file=sys.stderr)
+      sys.exit(2)
     if config_flag.value is not None:
       config_flag.value.lock()  # loads the file now, so that its errors are reported here
     return rest
