@@ -412,11 +412,13 @@ def load(workdir: str, step: int | None = None, *, batch_size: int = 64) -> Mode
   """Loads a trained run: the config saved with it and the EMA params of a checkpoint.
 
   Args:
-    workdir: the run's --workdir (or its checkpoints/ folder).
-    step: which checkpoint; None loads the newest intact one.
+    workdir: the run's --workdir (or its checkpoints/ folder, or one step's folder in it:
+      WORKDIR/checkpoints/6 loads step 6).
+    step: which checkpoint; None loads the newest intact one (or the step of the folder given).
     batch_size: rows per compiled call of the returned Model.
   Raises:
     FileNotFoundError: no checkpoint in workdir (or none for that step).
+    ValueError: a step's folder with another `step`.
   """
   from sami_jax import inference  # pylint: disable=g-import-not-at-top
   from sami_jax.utils import compile_cache  # pylint: disable=g-import-not-at-top

@@ -962,6 +962,16 @@ class Checkpointer:
     self.close()
 
 
+def step_directory(path: str | os.PathLike) -> tuple[str, int] | None:
+  """(the checkpoints folder, the step) when `path` is one step's folder of a checkpoints folder
+  (e.g. WORKDIR/checkpoints/6: step 6), else None."""
+  path = os.path.abspath(os.fspath(path))
+  name = os.path.basename(path)
+  if name.isdigit() and os.path.isdir(os.path.join(path, _STATE)):
+    return os.path.dirname(path), int(name)
+  return None
+
+
 def restore_params_only(directory: str | os.PathLike, step: int | None = None, *,
                         return_step: bool = False) -> PyTree:
   """Parameters (numpy arrays) from another run's checkpoint directory.

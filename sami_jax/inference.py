@@ -242,6 +242,25 @@ def checkpoint_dir(workdir: str) -> str:
   return sub if os.path.isdir(sub) else workdir
 
 
+def checkpoint_location(path: str, step: int | None = None) -> tuple[str, int | None]:
+  """(the checkpoints folder, the step to read: None for the newest intact one) for a run's
+  workdir, its checkpoints/ folder, or one step's folder in it (WORKDIR/checkpoints/6 means
+  step 6).
+
+  Raises:
+    ValueError: a step's folder together with another `step`.
+  """
+  ckpt_dir = checkpoint_dir(os.path.expanduser(path))
+  named = ckpt_lib.step_directory(ckpt_dir)
+  if named is None:
+    return ckpt_dir, step
+  if step is not None and step != named[1]:
+    raise ValueError(f"{path} is the folder of step {named[1]}, but step={step} was asked for: "
+                     f"pass the run's workdir ({os.path.dirname(named[0])}) with step={step}, or "
+                     "that step's folder alone.")
+  return named
+
+
 def restore(workdir: str, step: int | None = None,
             given: ml_collections.ConfigDict | None = None
             ) -> tuple[ml_collections.ConfigDict, Any, int]:
@@ -253,7 +272,7 @@ def restore(workdir: str, step: int | None = None,
   Raises:
     FileNotFoundError: no checkpoint in workdir (or none for that step).
   """
-  ckpt_dir = checkpoint_dir(os.path.expanduser(workdir))
+  ckpt_dir, step = checkpoint_location(workdir, step)
   if not os.path.isdir(ckpt_dir):
     raise FileNotFoundError(f"No checkpoints in {workdir}: train first with --mode=train.")
   params, restored_step = ckpt_lib.restore_params_only(ckpt_dir, step, return_step=True)

@@ -185,6 +185,16 @@ def test_load_restores_the_run_config_step_and_ema_params(run, model):
       jax.tree_util.tree_leaves(model.params["encoder"])[0]))
 
 
+def test_load_of_a_step_folder_loads_that_step(run, model):
+  older = sami_jax.load(os.path.join(run["workdir"], "checkpoints", "2"))
+  assert older.step == 2
+  newer = sami_jax.load(os.path.join(run["workdir"], "checkpoints", "4"), step=4)
+  for a, b in zip(jax.tree.leaves(newer.params), jax.tree.leaves(model.params), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(ValueError, match=r"folder of step 2, but step=4.*workdir .*step=4"):
+    sami_jax.load(os.path.join(run["workdir"], "checkpoints", "2"), step=4)
+
+
 def test_load_without_a_checkpoint_says_so(run, tmp_path):
   with pytest.raises(FileNotFoundError, match="[Nn]o checkpoints in"):
     sami_jax.load(str(tmp_path / "nothing_here"))
