@@ -212,3 +212,31 @@ def test_a_loaded_programs_results_have_a_fresh_compiles_types_and_can_be_differ
   grads = [jax.jit(jax.grad(loss))(p) for p in (fresh, loaded)]
   for k in fresh:
     np.testing.assert_array_equal(np.asarray(grads[0][k]), np.asarray(grads[1][k]))
+
+
+def test_a_load_in_the_background_is_not_a_daemon_and_close_waits_for_it(cache_dir,
+                                                                         monkeypatch):
+  """An interpreter that exits while XLA deserialises can crash: the loading thread is joined by
+  `close` (every exit path of a run calls it) and, as a non-daemon thread, by the interpreter's
+  own shutdown before JAX's exit handlers run."""
+  import threading  # pylint: disable=g-import-not-at-top
+  mesh = _mesh(jax.devices()[:2])
+  make, args, _ = _program(mesh, _fresh_scale())
+  compile_cache.load_or_compile(make, args, name="prog", description="d",
+                                devices=mesh.devices.flat)
+  compile_cache._IN_MEMORY.clear()
+  release, loaded = threading.Event(), []
+  real_load = compile_cache._load
+
+  def slow_load(path, devices):
+    release.wait(10)
+    loaded.append(real_load(path, devices))
+    return loaded[-1]
+  monkeypatch.setattr(compile_cache, "_load", slow_load)
+  pending = compile_cache.begin("prog", "d", args, mesh.devices.flat)
+  thread = pending._thread
+  assert thread is not None and thread.is_alive() and not thread.daemon
+  threading.Timer(0.2, release.set).start()
+  pending.close()
+  assert not thread.is_alive() and loaded and loaded[0] is not None
+  pending.close()  # idempotent

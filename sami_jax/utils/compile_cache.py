@@ -210,9 +210,16 @@ def _save(path: str, compiled) -> None:
     blob, in_tree, out_tree = serialize_executable.serialize(compiled)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-      pickle.dump((blob, in_tree, out_tree), f, protocol=pickle.HIGHEST_PROTOCOL)
-    os.replace(tmp, path)
+    try:
+      with open(tmp, "wb") as f:
+        pickle.dump((blob, in_tree, out_tree), f, protocol=pickle.HIGHEST_PROTOCOL)
+      os.replace(tmp, path)
+    except BaseException:  # a failed or interrupted write leaves no partial file behind
+      try:
+        os.remove(tmp)
+      except OSError:
+        pass
+      raise
   except Exception as e:  # pylint: disable=broad-except
     # A cache that cannot be written (read-only home, full disk, a backend that cannot serialise)
     # costs the next run its start-up time, nothing else.
@@ -272,7 +279,14 @@ _IN_MEMORY: dict[str, Any] = {}
 
 class Pending:
   """A program's executable, being read from disk in a background thread (XLA releases the GIL
-  while it loads, so the caller's own start-up work runs alongside): `begin(...).result(...)`."""
+  while it loads, so the caller's own start-up work runs alongside): `begin(...).result(...)`.
+
+  The thread must not outlive the caller's use of it: an interpreter that exits while XLA is still
+  deserialising into a backend that JAX's exit handler is tearing down crashes (a segmentation
+  fault after the run's own error). So `result` and `close` join it, every exit path of a caller
+  calls one of them, and the thread is not a daemon: an exit that misses both still waits for the
+  load (seconds at most) before JAX's exit handlers run.
+  """
 
   def __init__(self, name: str, key: str | None, devices):
     self.name, self.key, self.devices = name, key, devices
@@ -280,9 +294,18 @@ class Pending:
     self._thread = None
     path = self.path
     if key is not None and key not in _IN_MEMORY and path and os.path.exists(path):
-      self._thread = threading.Thread(target=self._load, args=(path,), daemon=True,
+      self._thread = threading.Thread(target=self._load, args=(path,), daemon=False,
                                       name=f"load {name}")
       self._thread.start()
+
+  def close(self) -> None:
+    """Waits for the load, if one is running, and drops what it loaded (for a caller that stops
+    before it needs the executable). Idempotent; a `result` after it compiles."""
+    if self._thread is not None:
+      self._thread.join()
+      self._thread = None
+    self._loaded = None
+    self.key = None
 
   @property
   def path(self) -> str | None:
@@ -306,12 +329,15 @@ class Pending:
     """
     if self.key is None:  # disabled, or a multi-process run: compile as usual
       return make_jitted().lower(*args).compile()
-    compiled = _IN_MEMORY.get(self.key)
-    if compiled is None and self._thread is not None:
+    loaded = None
+    if self._thread is not None:
       self._thread.join()
-      compiled, self._loaded = self._loaded, None
-      if compiled is not None:
-        logging.info("Loaded the compiled %s from %s.", self.name, self.path)
+      self._thread = None
+      loaded, self._loaded = self._loaded, None
+    compiled = _IN_MEMORY.get(self.key)
+    if compiled is None and loaded is not None:
+      compiled = loaded
+      logging.info("Loaded the compiled %s from %s.", self.name, self.path)
     if compiled is not None and not _accepts(compiled, args):
       logging.warning("The saved %s takes other argument types; compiling it again.", self.name)
       compiled = None
