@@ -119,9 +119,21 @@ def _parse_flags(argv: list[str]) -> list[str]:
   return cli.parse_flags(argv, _CONFIG)
 
 
+# Exit status of a run stopped by Ctrl-C where it could not save (128 + SIGINT, as a shell reports
+# a program that Ctrl-C ended).
+INTERRUPTED_EXIT_CODE = 130
+
+
 def run():
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main, flags_parser=_parse_flags)
+  try:
+    app.run(main, flags_parser=_parse_flags)
+  except KeyboardInterrupt as e:
+    # One line, no stack trace: train.Interrupted says where the run stopped and which
+    # checkpoints are on disk; elsewhere (the imports, the other modes) only that it stopped.
+    text = str(e) if e.args else "Interrupted; the command did not finish."
+    print(text, file=sys.stderr)
+    sys.exit(INTERRUPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":

@@ -58,12 +58,19 @@ class PreemptedError(RuntimeError):
   """A run that had to continue (e.g. one of sami_jax.compare's) was stopped after saving."""
 
 
+class Interrupted(KeyboardInterrupt):
+  """Ctrl-C stopped the run where it could not save (before the first step, or a second Ctrl-C);
+  the message says where and which checkpoints are on disk. `main` prints it as one line."""
+
+
 class _Preemption:
   """Turns SIGTERM and the first Ctrl-C (SIGINT) into a flag the loop checks, so a stopped run
-  saves a checkpoint at the current step before it exits. A second Ctrl-C interrupts at once."""
+  saves a checkpoint at the current step before it exits. A second Ctrl-C, or a Ctrl-C before the
+  first step has run (while the step compiles: there is nothing new to save), interrupts at once."""
 
   def __init__(self):
     self.requested = False
+    self.stepped = False  # set by the loop once a step has run
     self._previous = {}
 
   def __enter__(self):
@@ -76,7 +83,7 @@ class _Preemption:
 
   def _handle(self, signum, frame):
     del frame
-    if self.requested and signum == signal.SIGINT:
+    if signum == signal.SIGINT and (self.requested or not self.stepped):
       raise KeyboardInterrupt
     logging.warning("%s received: saving a checkpoint at the current step and stopping (press "
                     "Ctrl-C again to stop without saving).", signal.Signals(signum).name)
@@ -100,6 +107,7 @@ class _Run:
   is_main: bool
   grid_images: np.ndarray | None = None
   pending_step: Any = None  # the train step being loaded from disk, if a previous run saved it
+  step: int = 0  # the updates applied so far (the checkpoints' numbering)
 
 
 # ------------------------------------------------------------------------------ set-up
@@ -123,7 +131,7 @@ def _read_pretrained_denoiser(config) -> Any:
     raise FileNotFoundError(
         f"config.model.denoiser_checkpoint={config.model.denoiser_checkpoint!r} does not exist; "
         "point it at the workdir (or checkpoints/ folder) of a trained ddpm run.")
-  params = ckpt_lib.restore_params_only(inference.checkpoint_dir(path))
+  params = ckpt_lib.restore_params_only(*inference.checkpoint_location(path))
   if "denoiser" not in params:
     raise ValueError(f"config.model.denoiser_checkpoint={path!r} holds no denoiser params (its "
                      f"params are {sorted(params)}): point it at the workdir of a ddpm (or sami) "
@@ -151,9 +159,41 @@ def _put_pretrained_denoiser(state, denoiser, shardings):
   return state
 
 
+def _state_layout(config) -> Any:
+  """The train state's structure, shapes and dtypes under `config` (traced, not compiled)."""
+  return jax.tree.map(lambda a: (tuple(a.shape), str(a.dtype)), train_state.abstract_state(config))
+
+
+def _fields_that_change_the_layout(before, after, changed: list[str]) -> list[str]:
+  """The fields of `changed` that, each set alone to its new value on the checkpoint's config,
+  change the train state's shapes or layout (the others only change what the run does). If none
+  does alone, all of them together do."""
+  candidates = [f for f in changed if f not in train_state.NOT_TRACED]  # not bookkeeping
+  if len(candidates) <= 1:
+    return candidates
+  base = _state_layout(before)
+  new = configlib.training_fields(after)
+  found = []
+  for field in candidates:
+    one = configlib.copy(before)
+    *path, name = field.split(".")
+    try:
+      node = one
+      for part in path:
+        node = node[part]
+      node[name] = new[field]
+      same = _state_layout(one) == base
+    except Exception:  # pylint: disable=broad-except  (a field that cannot change alone)
+      same = False
+    if not same:
+      found.append(field)
+  return found or candidates
+
+
 def _check_resume_config(config, saved: dict) -> None:
   """Compares the config with the one the checkpoint was trained with: refuses changes that
-  change the state's shapes (naming the fields), warns about every other change."""
+  change the state's shapes or layout (naming those fields apart from the rest), warns about
+  every other change."""
   if not saved:
     return
   before = configlib.from_json(saved)
@@ -161,23 +201,32 @@ def _check_resume_config(config, saved: dict) -> None:
   changed = sorted(k for k in new if old.get(k) != new[k])
   if not changed:
     return
-  described = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in changed)
-  shapes = lambda c: jax.tree.map(lambda a: (tuple(a.shape), str(a.dtype)),
-                                  train_state.abstract_state(c))
-  if shapes(before) != shapes(config):
-    raise ValueError(f"The checkpoint was trained with another model ({described}), which "
-                     "changes the shapes or layout of the train state, so it cannot resume: use "
-                     "the run's config (saved in the checkpoint) or a new workdir.")
-  logging.warning("Resuming with a config that differs from the checkpoint's: %s.", described)
+  describe = lambda fields: ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in fields)
+  if _state_layout(before) != _state_layout(config):
+    layout = _fields_that_change_the_layout(before, config, changed)
+    rest = [k for k in changed if k not in layout]
+    also = (f" The other changes ({describe(rest)}) only change what the run does; a resume "
+            "accepts those with a warning." if rest else "")
+    if not layout:  # e.g. another device count under optim.update_layout="auto"
+      raise ValueError(
+          f"The checkpoint's train state cannot resume under this config on {jax.device_count()} "
+          "device(s): the train state has other shapes or layout here (set optim.update_layout "
+          f"to the run's layout, or run on its number of devices), or use a new workdir.{also}")
+    raise ValueError(
+        f"The checkpoint's train state cannot resume under this config: {describe(layout)} "
+        f"change{'s' if len(layout) == 1 else ''} the shapes or layout of the train state. Set "
+        f"{'it' if len(layout) == 1 else 'them'} back (the run's config is saved in the "
+        f"checkpoint) or use a new workdir.{also}")
+  logging.warning("Resuming with a config that differs from the checkpoint's: %s.",
+                  describe(changed))
 
 
 def _restore_or_init(config, mesh, checkpointer, denoiser) -> tuple[Any, int]:
   """(state, start step): the newest intact checkpoint, or a fresh state (with `denoiser`, the
-  pre-trained one, if the kind freezes it). Everything that can be checked without compiling is
-  checked first."""
+  pre-trained one, if the kind freezes it). The checkpoint's config was checked against this one
+  before (`_check_resume_config`)."""
   types = train_state.state_types(config, mesh)  # shapes, dtypes and shardings
   if checkpointer.latest_step() is not None:
-    _check_resume_config(config, checkpointer.restore_config())
     state, _, data_pos, start_step = checkpointer.restore(types)
     logging.info("Resumed from step %d.", start_step)
     if data_pos.get("seed", config.seed) != config.seed:
@@ -204,6 +253,8 @@ def _checkpoints_line(checkpointer: ckpt_lib.Checkpointer) -> str:
 
 
 def _check_finite(history: list[tuple[int, dict]], checkpointer: ckpt_lib.Checkpointer) -> None:
+  """Raises NonFiniteError at the first non-finite update of `history`: (step, metrics) pairs,
+  numbered as checkpoints are (the update from step - 1 to step)."""
   for step, m in history:
     if bool(m["finite"]):
       continue
@@ -213,7 +264,8 @@ def _check_finite(history: list[tuple[int, dict]], checkpointer: ckpt_lib.Checkp
       bad.append("the updated params/EMA/optimizer state")
     checkpointer.wait()  # a save in flight: let it commit, so the listing below is right
     raise NonFiniteError(
-        f"Non-finite values at step {step}: {', '.join(bad) or 'loss/grad_norm'} (loss="
+        f"Non-finite values in the update from step {step - 1} to step {step}: "
+        f"{', '.join(bad) or 'loss/grad_norm'} (loss="
         f"{m['loss']}, grad_norm={m['grad_norm']}). That update was not applied and nothing "
         f"non-finite was saved; {_checkpoints_line(checkpointer)}. Lower optim.lr, raise "
         "model.encoder.min_std or set optim.grad_clip, then rerun to resume from the newest "
@@ -277,8 +329,10 @@ def _loop(run: _Run) -> tuple[int, bool]:
         step_fn = train_state.compiled_train_step(run.config, run.mesh, run.state, batch,
                                                   run.pending_step)
       run.state, metrics = step_fn(run.state, batch)
-      history.append((step, metrics))
+      preemption.stepped = True
       step += 1
+      run.step = step
+      history.append((step, metrics))  # numbered as the checkpoint of its result would be
       last = step == t.num_steps
       save = step % t.ckpt_every == 0 and not last
       # Every step before a save is checked first, so a checkpoint never follows an unchecked
@@ -317,34 +371,46 @@ def _train_locked(config, workdir: str, is_main: bool) -> dict[str, Any]:
                                        keep_last=config.train.keep_ckpts,
                                        keep_every=config.train.keep_every)
   writer = None
+  pending_step = None
+  run = None
+  resumed = False
   try:
+    resumed = checkpointer.latest_step() is not None
     # A fresh run of a kind that freezes a pre-trained denoiser reads (and checks) it first:
     # a wrong path or model is named before the data is built or anything compiled.
     denoiser = None
-    if kinds.of(config).needs_denoiser_checkpoint and checkpointer.latest_step() is None:
+    if kinds.of(config).needs_denoiser_checkpoint and not resumed:
       denoiser = _read_pretrained_denoiser(config)
+    if resumed:
+      _check_resume_config(config, checkpointer.restore_config())
     _prepare_data(config)
     mesh = sharding_lib.make_mesh(config)
     logging.info("Mesh %s over %d devices (%d processes).", dict(mesh.shape),
                  jax.device_count(), jax.process_count())
-    # Loads (in the background) the step a previous run of this config saved, while the state
-    # is created or restored.
+    # Loads (in a background thread) the step a previous run of this config saved, while the
+    # state is created or restored; started after every check that can refuse the run.
     pending_step = train_state.begin_train_step(config, mesh)
     state, start_step = _restore_or_init(config, mesh, checkpointer, denoiser)
     writer = writers_lib.MetricWriter(workdir, enabled=is_main)
     run = _Run(config, workdir, mesh, checkpointer, writer, state, start_step, is_main,
-               pending_step=pending_step)
+               pending_step=pending_step, step=start_step)
     step, preempted = _loop(run)
-  except BaseException:
-    # A save started before the failure (the last good step) runs in a background thread that
-    # dies with the interpreter: let it commit, so that the checkpoint the error message points
-    # to really is on disk. Its own failure must not hide the error that stopped the run.
+  except BaseException as e:
+    # The train step's load, if still running, is waited for (an interpreter that exits under it
+    # can crash). A save started before the failure (the last good step) runs in a background
+    # thread that dies with the interpreter: let it commit, so that the checkpoint the error
+    # message points to really is on disk. Its own failure must not hide the error that stopped
+    # the run.
+    if pending_step is not None:
+      pending_step.close()
     try:
       checkpointer.close()
     except ckpt_lib.CheckpointSaveError as err:
       logging.error("%s", err)
     if writer is not None:
       writer.close()
+    if isinstance(e, KeyboardInterrupt) and not isinstance(e, Interrupted):
+      raise Interrupted(_interrupted_line(run, checkpointer, resumed)) from None
     raise
   try:
     _save(run, step, force=True)
@@ -361,6 +427,25 @@ def _train_locked(config, workdir: str, is_main: bool) -> dict[str, Any]:
   finally:
     writer.close()
     checkpointer.close()
+
+
+def _interrupted_line(run: _Run | None, checkpointer: ckpt_lib.Checkpointer,
+                      resumed: bool) -> str:
+  """What a Ctrl-C that could not save left behind, in one line (checkpoint numbering)."""
+  try:
+    steps = checkpointer.all_steps()
+    on_disk = (f"the checkpoints in {checkpointer.directory} are steps {steps}" if steps else
+               "there is no checkpoint")
+  except Exception:  # pylint: disable=broad-except  (the line must not hide the interrupt)
+    on_disk = f"the checkpoints in {checkpointer.directory} are as they were"
+  if run is None or run.step == run.start_step:
+    where = "Interrupted before the first step"
+    if not resumed:
+      return f"{where}; no checkpoint was written. Rerun the same command to start again."
+    return (f"{where} after the restore; nothing was saved and {on_disk}. Rerun the same command "
+            "to resume.")
+  return (f"Interrupted at step {run.step} without a final save; {on_disk}. Rerun the same "
+          "command to resume from the newest one.")
 
 
 def _finish(run: _Run, step: int, t_start: float) -> dict[str, Any]:

@@ -194,15 +194,15 @@ def jit_train_step(config: ml_collections.ConfigDict, mesh):
 
 # Training fields the traced init and step do not read: the seed (the PRNG key is an argument, or
 # part of the state) and the run loop's bookkeeping.
-_NOT_TRACED = ("seed", "train.log_every", "train.ckpt_every", "train.keep_ckpts",
+NOT_TRACED = ("seed", "train.log_every", "train.ckpt_every", "train.keep_ckpts",
                "train.keep_every", "train.sample_every", "train.num_sample_images",
                "train.write_grids", "train.probe_at_end")
 
 
 def _program_description(config: ml_collections.ConfigDict) -> str:
   """What the traced init and train step depend on besides their arguments' types: the config's
-  training fields but those of _NOT_TRACED."""
-  fields = {k: v for k, v in configlib.training_fields(config).items() if k not in _NOT_TRACED}
+  training fields but those of NOT_TRACED."""
+  fields = {k: v for k, v in configlib.training_fields(config).items() if k not in NOT_TRACED}
   return json.dumps(fields, sort_keys=True, default=repr)
 
 

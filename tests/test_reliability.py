@@ -21,7 +21,7 @@ import pytest
 
 from sami_jax import checkpoint as ckpt_lib
 from sami_jax import inference
-from tests.test_config import ROOT, xla_flags
+from tests.test_config import ROOT, load_config, xla_flags
 
 _TIMEOUT_S = 600
 
@@ -170,7 +170,9 @@ def test_nan_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint(shared,
             "--config.train.log_every=1", config=os.path.join(ROOT, "configs", "disks.py:test")),
       env=dict(_env(shared), HOME=str(home)), cwd=str(tmp_path), capture_output=True, text=True,
       timeout=_TIMEOUT_S)
-  line = _assert_user_error(proc, "step 3", "loss")
+  # The update from step 3 (the state after 3 updates, as checkpoint 3 would be) to step 4 is
+  # the non-finite one: one numbering with the checkpoints listed next to it.
+  line = _assert_user_error(proc, "update from step 3 to step 4", "loss", "are steps [2]")
   assert "Non-finite" in line
   assert not os.path.exists(tmp_path / "~")
   wd = str(home / "run")
@@ -205,7 +207,7 @@ def test_damaged_latest_checkpoint_falls_back_and_keeps_the_intact_one(shared, b
   failed = _run(shared, wd, "--config.objective.test_inject_nan_step=3",
                 "--config.train.ckpt_every=2", "--config.train.num_steps=4",
                 "--config.train.keep_ckpts=1")
-  _assert_user_error(failed, "step 3", orbax_noise=True)
+  _assert_user_error(failed, "update from step 3 to step 4", orbax_noise=True)
   assert "Resumed from step 2" in failed.stderr
   assert re.search(r"[Cc]heckpoint for step 4 .*(damaged|unreadable)", failed.stderr) or (
       "skipped damaged checkpoint(s) [4]" in failed.stderr), failed.stderr[-3000:]
@@ -247,6 +249,55 @@ def test_unknown_config_field_names_it_and_suggests_the_right_one(shared, tmp_pa
   assert "latnet_dim" in proc.stderr and "latent_dim" in proc.stderr
   # A typo on the command line is a user error: one line, no stack trace.
   assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_a_stray_argument_is_one_line_naming_it_and_the_fix(shared, tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "sami_jax.main", "extra",
+                         "--config=configs/disks.py:test", f"--workdir={tmp_path / 'wd'}"],
+                        env=_env(shared), cwd=ROOT, capture_output=True, text=True, timeout=120)
+  line = _assert_user_error(proc, "'extra'", "--config.SECTION.FIELD=VALUE", "'='")
+  assert proc.stderr.strip() == line  # no flag help
+  assert not os.path.exists(tmp_path / "wd")
+
+
+@pytest.mark.parametrize("argv,fix", [
+    (["optim.lr=0.1"], "--config.optim.lr=0.1"),
+    (["config.optim.lr=0.1"], "--config.optim.lr=0.1"),
+    (["--config.train.write_grids", "false"], "--config.train.write_grids=false"),
+])
+def test_a_stray_argument_names_the_likely_fix(argv, fix):
+  from sami_jax.utils import cli  # pylint: disable=g-import-not-at-top
+  line = cli.stray_argument_line(argv[-1:], ["main.py", "--config=c.py", *argv])
+  assert line.startswith("Error: ") and fix in line, line
+
+
+def test_ctrl_c_during_start_up_is_one_line_and_exit_130(shared, base_run, tmp_path):
+  """SIGINT while the state's creation compiles (a model no other test builds, so it really
+  compiles): no traceback, exit 130, the lock released, nothing written."""
+  del base_run  # the dataset is built
+  wd = tmp_path / "wd"
+  proc = subprocess.Popen(_args(shared, str(wd), "--config.model.encoder.latent_dim=7"),
+                          env=_env(shared), cwd=ROOT, stderr=subprocess.PIPE, text=True)
+  try:
+    lines = []
+    for line in proc.stderr:  # "Mesh ..." is logged just before the state's creation starts
+      lines.append(line)
+      if "Mesh " in line:
+        time.sleep(0.5)  # into its trace and compile (measured: tracing or lowering the init)
+        proc.send_signal(signal.SIGINT)
+        break
+    lines += proc.stderr.readlines()
+    rc = proc.wait(timeout=_TIMEOUT_S)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  err = "".join(lines)
+  assert rc == 130, (rc, err[-3000:])
+  own = [l for l in err.splitlines() if l.strip() and not re.match(r"[IWEF]\d{4} ", l)]
+  assert own == ["Interrupted before the first step; no checkpoint was written. Rerun the same "
+                 "command to start again."], err[-3000:]
+  assert not os.path.exists(wd / ".lock")
+  assert not os.path.exists(wd / "checkpoints") or not os.listdir(wd / "checkpoints")
 
 
 def test_wrong_type_names_the_flag(shared, tmp_path):
@@ -313,6 +364,79 @@ def test_resuming_with_changed_fields_refuses_shape_changes_and_warns_on_the_res
   assert re.search(r"differs from the checkpoint's: .*optim\.lr: 0\.0002 -> 0\.0005",
                    proc.stderr), proc.stderr[-3000:]
   assert _steps(wd)[-1] == 6
+
+
+def test_a_refused_resume_names_the_fields_that_change_the_state_apart_from_the_rest():
+  """optim.grad_clip on/off changes the optimizer state's layout; optim.lr and train.ckpt_every
+  only change what the run does (a resume accepts them with a warning)."""
+  from sami_jax import configlib  # pylint: disable=g-import-not-at-top
+  from sami_jax import train  # pylint: disable=g-import-not-at-top
+  before = load_config("disks", "test")
+  before.optim.lr, before.optim.grad_clip = 1e38, 1.0
+  after = configlib.copy(before)
+  after.optim.lr, after.optim.grad_clip, after.train.ckpt_every = 1e-3, 0.0, 5
+  with pytest.raises(ValueError, match="cannot resume") as raised:
+    train._check_resume_config(after, configlib.to_dict(before))
+  refused, _, accepted = str(raised.value).partition("the shapes or layout")
+  assert "optim.grad_clip: 1.0 -> 0.0" in refused, raised.value
+  assert "optim.lr" not in refused and "train.ckpt_every" not in refused, raised.value
+  assert "optim.lr: 1e+38 -> 0.001" in accepted and "train.ckpt_every: 2 -> 5" in accepted
+
+
+def test_a_failure_after_the_train_steps_load_started_waits_for_it(shared, base_run, tmp_path,
+                                                                    monkeypatch):
+  """Every exit path of a run ends the train step's load before it leaves (here: the state's
+  creation fails while the load runs)."""
+  del base_run  # the dataset is built
+  from sami_jax import train  # pylint: disable=g-import-not-at-top
+  from sami_jax import train_state  # pylint: disable=g-import-not-at-top
+  from sami_jax.utils import compile_cache  # pylint: disable=g-import-not-at-top
+  closed = []
+
+  class Loading(compile_cache.Pending):
+    def __init__(self):  # pylint: disable=super-init-not-called
+      pass
+
+    def close(self):
+      closed.append(True)
+
+  def fail(*args):
+    del args
+    raise ValueError("the state's creation failed")
+  monkeypatch.setattr(train_state, "begin_train_step", lambda config, mesh: Loading())
+  monkeypatch.setattr(train, "_restore_or_init", fail)
+  config = load_config("disks", "test")
+  config.data.data_dir = shared["data_dir"]
+  with pytest.raises(ValueError, match="creation failed"):
+    train.train(config, str(tmp_path / "wd"))
+  assert closed == [True]
+  assert not os.path.exists(tmp_path / "wd" / ".lock")
+
+
+def test_a_refused_resume_exits_2_every_time_while_its_train_step_is_in_the_cache(
+    shared, base_run, tmp_path):
+  """The refused config's train step is in the executable cache (base_run saved it): a run that
+  starts loading it in the background and then refuses must still exit 2, not crash at exit
+  (the load ran on while the interpreter shut down: "Fatal Python error: Segmentation fault",
+  exit 139, in 1 to 4 of 5 tries)."""
+  del base_run  # it trained (and saved the train step of) the config the refused runs use
+  from sami_jax import configlib  # pylint: disable=g-import-not-at-top
+  executables = os.path.join(os.environ["JAX_COMPILATION_CACHE_DIR"], "executables")
+  assert any(n.startswith("train_step-") for n in os.listdir(executables))
+  # A checkpoint of a run with 5 latents (only its config is read before the refusal).
+  other = load_config("disks", "test")
+  other.model.encoder.latent_dim = 5
+  wd = str(tmp_path / "wd")
+  ckpt = ckpt_lib.Checkpointer(os.path.join(wd, "checkpoints"), keep_last=1)
+  params = {"encoder": {"w": np.zeros((2, 5), np.float32)}}
+  ckpt.save(2, {"params": params, "ema_params": params}, config=configlib.to_dict(other),
+            data_position={})
+  ckpt.close()
+  for _ in range(5):
+    proc = _run(shared, wd, timeout=300)
+    assert "Fatal Python error" not in proc.stderr, proc.stderr[-3000:]
+    _assert_user_error(proc, "model.encoder.latent_dim: 5 -> 3", "cannot resume")
+  assert _steps(wd) == [2]
 
 
 # ------------------------------------------------------------------------------ config files
