@@ -268,9 +268,12 @@ def restore(workdir: str, step: int | None = None,
 
   Reads only the EMA params and the config (no optimizer state, no train state is built). The
   config is the one saved with the run, merged with `given` by `configlib.for_inference`.
+  `workdir` may also be the run's checkpoints/ folder or one step's folder in it
+  (`checkpoint_location`).
 
   Raises:
     FileNotFoundError: no checkpoint in workdir (or none for that step).
+    ValueError: a step's folder with another `step`.
   """
   ckpt_dir, step = checkpoint_location(workdir, step)
   if not os.path.isdir(ckpt_dir):
