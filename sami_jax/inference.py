@@ -74,7 +74,7 @@ def _components(model_part: ml_collections.FrozenConfigDict) -> Components:
   return Components(kind=kinds.of(config), image_model=image_model, encoder=encoder,
                     schedule=schedules.from_config(config), image_shape=(s, s, c),
                     latent_dim=int(config.model.encoder.latent_dim),
-                    time_conditioning=bool(config.model.encoder.time_conditioning))
+                    time_conditioning=kinds.encoder_time_conditioning(config))
 
 
 def components(config: ml_collections.ConfigDict) -> Components:
@@ -298,19 +298,21 @@ def latent_prior_path(workdir: str, step: int) -> str:
   return os.path.join(workdir, "latent_prior", f"prior_{step:07d}.msgpack")
 
 
-def fitted_latent_prior(config: ml_collections.ConfigDict, params, workdir: str, step: int):
+def fitted_latent_prior(config: ml_collections.ConfigDict, params, workdir: str | None,
+                        step: int):
   """The latent diffusion prior of a checkpoint: loaded from workdir/latent_prior/, or fitted on
-  the encoded training latents (config.latent_prior.num_examples of them) and saved there first."""
+  the encoded training latents (config.latent_prior.num_examples of them) and saved there first
+  (workdir None: fitted and not saved)."""
   from sami_jax import latent_prior  # pylint: disable=g-import-not-at-top
-  path = latent_prior_path(workdir, step)
+  path = latent_prior_path(workdir, step) if workdir else ""
   d = config.model.encoder.latent_dim
-  if os.path.exists(path):
+  if path and os.path.exists(path):
     logging.info("Using the latent prior in %s.", path)
     return latent_prior.load(path, d, config)
   t0 = time.time()
   latents = encode_dataset(config, params, "train", config.latent_prior.num_examples)["mean"]
   prior = latent_prior.fit(config, latents, rngs.stream(config.seed, rngs.LATENT_PRIOR))
-  if jax.process_index() == 0:
+  if path and jax.process_index() == 0:
     latent_prior.save(path, prior)
   logging.info("Fitted the latent prior on %d training latents in %.1f s (final loss %.4f); "
                "saved to %s.", len(latents), time.time() - t0, prior.final_loss, path)

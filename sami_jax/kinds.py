@@ -161,6 +161,13 @@ def trainable_labels(kind: Kind, params: dict) -> dict:
           for name, sub in params.items()}
 
 
+def encoder_time_conditioning(config: ml_collections.ConfigDict) -> bool:
+  """Whether the config's encoder is told the noise level t: model.encoder.time_conditioning,
+  for the kinds whose encoder reads noisy images (score guidance). The other kinds' encoders
+  (beta-VAE's, DiffAE's) only ever see clean images, so they are built without a time input."""
+  return bool(config.model.encoder.time_conditioning) and of(config).uses_guidance
+
+
 def kl_weight(kind: Kind, config: ml_collections.ConfigDict, step: jax.Array) -> jax.Array | None:
   """The weight of the KL term at a step (what the loss uses), or None if the kind has none."""
   if kind.kl_weight == "schedule":
@@ -179,7 +186,8 @@ def make_loss_fn(config: ml_collections.ConfigDict, image_model, encoder,
     return objective.make_vae_loss_fn(config, image_model, encoder)
   return objective.make_diffusion_loss_fn(
       config, image_model, encoder, schedule or schedules.from_config(config),
-      latent=kind.latent_route, frozen_denoiser=not kind.trains("denoiser"))
+      latent=kind.latent_route, frozen_denoiser=not kind.trains("denoiser"),
+      time_conditioning=encoder_time_conditioning(config))
 
 
 # ------------------------------------------------------------------------------ generation

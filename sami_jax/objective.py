@@ -143,7 +143,6 @@ def make_vae_loss_fn(config, decoder, encoder) -> LossFn:
   """
   obs_var = float(config.model.decoder.obs_std) ** 2
   vae_beta = float(config.objective.vae_beta)
-  time_conditioning = config.model.encoder.time_conditioning
   nan_step = config.objective.test_inject_nan_step
 
   def loss_fn(params, batch, rng, step, *, train: bool = True):
@@ -151,7 +150,7 @@ def make_vae_loss_fn(config, decoder, encoder) -> LossFn:
     x0 = batch["image"]
     chex.assert_rank(x0, 4)
     num_pixels = math.prod(x0.shape[1:])
-    encode_fn = bind_encoder(encoder, params["encoder"], time_conditioning)
+    encode_fn = bind_encoder(encoder, params["encoder"], False)  # clean images only
     mean, std = encode_clean(encode_fn, x0)
     z = mean + std * rngs.normal(rng, mean.shape, mean.dtype)
     x_rec = decoder.apply({"params": params["decoder"]}, z)
@@ -184,7 +183,8 @@ def _sq_err(eps: jax.Array, pred: jax.Array) -> jax.Array:
 
 
 def make_diffusion_loss_fn(config, denoiser, encoder, schedule: schedules.Schedule, *,
-                           latent: str, frozen_denoiser: bool = False) -> LossFn:
+                           latent: str, frozen_denoiser: bool = False,
+                           time_conditioning: bool = False) -> LossFn:
   """Builds the pure loss `(params, batch, rng, step, *, train=True) -> (loss, per-example terms)`
   of a diffusion model whose latent reaches the denoiser by `latent`:
 
@@ -198,6 +198,7 @@ def make_diffusion_loss_fn(config, denoiser, encoder, schedule: schedules.Schedu
                     the encoder's draw (objective.encoder_*, or the same draw when "shared")
                     + beta KL. The denoiser's gradient is then exactly the ddpm kind's.
                 frozen_denoiser (sami_frozen): the split's encoder term alone (+ beta KL).
+  time_conditioning: the encoder takes t (kinds.encoder_time_conditioning decides).
     "adagn"     DiffAE: eps_hat = eps_theta(x_t, t, cond=mean(x0)) (a deterministic encoder
                 feeding adaptive group norm; no KL, no guidance).
     "none"      plain DDPM/VDM: eps_hat = eps_theta(x_t, t).
@@ -223,7 +224,6 @@ def make_diffusion_loss_fn(config, denoiser, encoder, schedule: schedules.Schedu
     raise ValueError(f"latent={latent!r} is not one of {LATENT_ROUTES}.")
   weighting = config.diffusion.weighting
   gamma = config.diffusion.guidance_scale
-  time_conditioning = config.model.encoder.time_conditioning
   nan_step = config.objective.test_inject_nan_step
   # Whether the denoiser learns from the guided loss (joint) or from the plain loss (split).
   split = latent == "guidance" and (frozen_denoiser

@@ -130,7 +130,9 @@ def _float(u8):
 def _reference_encode(model, x_float):
   """Posterior (mean, std) from the encoder module itself, in one batch."""
   encoder = inference.components(model.config).encoder
-  mean, std = encoder.apply({"params": model.params["encoder"]}, jnp.asarray(x_float, jnp.float32))
+  x = jnp.asarray(x_float, jnp.float32)
+  t = jnp.zeros((x.shape[0],)) if encoder.time_conditioning else None  # clean images: t = 0
+  mean, std = encoder.apply({"params": model.params["encoder"]}, x, t)
   return np.asarray(mean), np.asarray(std)
 
 
@@ -149,6 +151,7 @@ def _reference_decode(model, z, seed, shared=False, guided=True):
   x_init = _noise(np.uint32(seed), ids)
   if guided:
     eps_fn = samplers.conditional_eps_fn(denoiser, encoder, model.params, jnp.asarray(z),
+                                         time_conditioning=comp.time_conditioning,
                                          schedule=schedule)
   else:
     eps_fn = samplers.unconditional_eps_fn(denoiser, model.params)

@@ -152,21 +152,23 @@ def test_denoising_matches_an_independent_computation(run):
   key = rngs.section_key(run_config.seed, "denoising")
   buckets, bs, n = 4, 16, 24
 
-  def enc_apply(x):
-    return enc.apply({"params": params["encoder"]}, x, None)
+  assert enc.time_conditioning  # the noise-aware encoder: clean images at t = 0, x_t at t
 
-  def log_q(x, z):  # log N(z; mean(x), std(x)^2) summed over the batch, written out here
-    mean, std = enc_apply(x)
+  def enc_apply(x, t):
+    return enc.apply({"params": params["encoder"]}, x, t)
+
+  def log_q(x, z, t):  # log N(z; mean(x), std(x)^2) summed over the batch, written out here
+    mean, std = enc_apply(x, t)
     return jnp.sum(-0.5 * ((z - mean) / std) ** 2 - jnp.log(std) - 0.5 * jnp.log(2 * jnp.pi))
 
   @jax.jit
   def per_example_mse(x0, t, eps):
-    z, _ = enc_apply(x0)
+    z, _ = enc_apply(x0, jnp.zeros_like(t))
     a = jnp.sqrt(jax.nn.sigmoid(sched.logsnr(t)))[:, None, None, None]
     sig = jnp.sqrt(jax.nn.sigmoid(-sched.logsnr(t)))[:, None, None, None]
     x_t = a * x0 + sig * eps
     eps_theta = den.apply({"params": params["denoiser"]}, x_t, t, train=False)
-    guided = eps_theta - sig * jax.grad(log_q)(x_t, z)
+    guided = eps_theta - sig * jax.grad(log_q)(x_t, z, t)
     return (jnp.mean((eps - eps_theta) ** 2, axis=(1, 2, 3)),
             jnp.mean((eps - guided) ** 2, axis=(1, 2, 3)))
 
@@ -194,11 +196,11 @@ def test_bound_section_is_the_estimator_on_an_independent_eps_hat(run):
   den, enc, sched = comp.image_model, comp.encoder, comp.schedule
 
   def eps_hat_fn(p, x_t, t, x0, rng):
-    mean0, std0 = enc.apply({"params": p["encoder"]}, x0, None)
+    mean0, std0 = enc.apply({"params": p["encoder"]}, x0, jnp.zeros_like(t))
     z = mean0 + std0 * jax.random.normal(rng, mean0.shape)
 
     def log_q(x):
-      mean, std = enc.apply({"params": p["encoder"]}, x, None)
+      mean, std = enc.apply({"params": p["encoder"]}, x, t)
       return jnp.sum(-0.5 * ((z - mean) / std) ** 2 - jnp.log(std))
     sigma = jnp.sqrt(jax.nn.sigmoid(-sched.logsnr(t)))[:, None, None, None]
     eps = den.apply({"params": p["denoiser"]}, x_t, t, train=False) - sigma * jax.grad(log_q)(x_t)
@@ -226,16 +228,16 @@ def test_reconstruction_mse_and_psnr(run):
   key = jax.random.fold_in(rngs.section_key(run_config.seed, "reconstruction"), 0)
   _, key_gen = jax.random.split(key)  # (z sample key: unused with the posterior mean)
   key_init, _ = jax.random.split(key_gen)
-  z, _ = jax.jit(enc.apply)({"params": params["encoder"]}, x, None)
+  z, _ = jax.jit(enc.apply)({"params": params["encoder"]}, x, jnp.zeros((x.shape[0],)))
 
-  def log_q(xt):
-    mean, std = enc.apply({"params": params["encoder"]}, xt, None)
+  def log_q(xt, tb):
+    mean, std = enc.apply({"params": params["encoder"]}, xt, tb)
     return jnp.sum(-0.5 * ((z - mean) / std) ** 2 - jnp.log(std))
 
   @jax.jit  # one compile instead of one per operation; the same arithmetic
   def guided_eps(xt, tb, s_t):
     eps = den.apply({"params": params["denoiser"]}, xt, tb, train=False)
-    return eps - s_t * jax.grad(log_q)(xt)
+    return eps - s_t * jax.grad(log_q)(xt, tb)
 
   def alpha_sigma(t):  # the cosine schedule, its log-SNR clipped at -20 (reached at t = 1)
     lam = max(_cosine_logsnr(t), -20.0) if t < 1 else -20.0

@@ -57,7 +57,7 @@ def build_models(config) -> tuple[UNet | ConvDecoder, Encoder]:
   encoder = Encoder(
       ch=e.ch, ch_mult=tuple(e.ch_mult), num_res_blocks=e.num_res_blocks,
       attn_resolutions=tuple(e.attn_resolutions), num_groups=e.num_groups,
-      latent_dim=e.latent_dim, time_conditioning=e.time_conditioning,
+      latent_dim=e.latent_dim, time_conditioning=kinds.encoder_time_conditioning(config),
       scale_param=e.scale_param, min_std=e.min_std, max_std=e.max_std,
       init_std=e.init_std, mean_init_scale=e.mean_init_scale, dtype=dt, pool=e.pool)
   return denoiser, encoder
@@ -81,7 +81,7 @@ def init_params(config, rng: jax.Array) -> dict[str, Any]:
     den = denoiser.init({"params": rng_d}, x, t, train=False, cond=z)["params"]
   else:
     den = denoiser.init({"params": rng_d}, x, t, train=False)["params"]
-  enc = encoder.init({"params": rng_e}, x, t if config.model.encoder.time_conditioning else None,
+  enc = encoder.init({"params": rng_e}, x, t if encoder.time_conditioning else None,
                      train=False)["params"]
   return {kind.image_model: den, "encoder": enc}
 
