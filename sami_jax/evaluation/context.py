@@ -25,15 +25,17 @@ class Context:
     params: the EMA params (numpy or device arrays).
     step: the checkpoint's step.
     out_dir: where figures are written (None: figures are not written, e.g. the end-of-run probe).
+    workdir: the run's workdir (where a fitted latent prior is kept), or None.
     comp: the model's inference.Components; kind: its declaration.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, params: Any, step: int,
-               out_dir: str | None):
+               out_dir: str | None, workdir: str | None = None):
     self.config = config
     self.params = params
     self.step = step
     self.out_dir = out_dir
+    self.workdir = workdir
     self.comp = inference.components(config)
     self.kind = self.comp.kind
     self.image_shape = self.comp.image_shape

@@ -32,9 +32,11 @@ from sami_jax.evaluation.context import Context
 
 
 def evaluate(config: ml_collections.ConfigDict, params: Any, step: int, chosen: list[str],
-             out_dir: str | None) -> tuple[dict[str, Any], dict[str, tables_lib.Tables], Context]:
-  """Runs the chosen sections that apply; returns (report dict, tables per section, context)."""
-  ctx = Context(config, params, step, out_dir)
+             out_dir: str | None, workdir: str | None = None
+             ) -> tuple[dict[str, Any], dict[str, tables_lib.Tables], Context]:
+  """Runs the chosen sections that apply; returns (report dict, tables per section, context).
+  workdir: the run's, where a fitted latent prior is kept (None: fitted in memory if needed)."""
+  ctx = Context(config, params, step, out_dir, workdir)
   report: dict[str, Any] = {
       "step": step, "dataset": config.data.name, "model_kind": ctx.kind.name,
       "image_shape": list(ctx.image_shape),
@@ -78,7 +80,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
     os.makedirs(out_dir, exist_ok=True)
   logging.info("Evaluating step %d of %s (%s on %s) into %s.", step, workdir, cfg.model.kind,
                cfg.data.name, out_dir)
-  report, tables, _ = evaluate(cfg, params, step, chosen, out_dir)
+  report, tables, _ = evaluate(cfg, params, step, chosen, out_dir, workdir)
   report["workdir"] = os.path.abspath(workdir)
   report["wall_time_s"] = time.time() - t_start
   path = os.path.join(out_dir, "report.json")

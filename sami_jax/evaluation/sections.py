@@ -514,8 +514,9 @@ def _speckle_applies(ctx: Context) -> str:
 def speckle_section(ctx: Context) -> Result:
   """Sampling noise on the uniform Disks background: the std of background pixels (centre
   farther than radius + 2 px from the disk centre) of test images, of reconstructions and of
-  samples, per image, then averaged. Generated images are measured around the disk found in
-  them (speckle.estimate_disks), with the data's radius when it is not a factor."""
+  samples, per image, then averaged (with sampling.prior = latent_diffusion, also of samples whose
+  z come from the run's fitted latent prior). Generated images are measured around the disk found
+  in them (speckle.estimate_disks), with the data's radius when it is not a factor."""
   from sami_jax.data import disks  # pylint: disable=g-import-not-at-top
   n = int(ctx.config.eval.num_recon)
   names = pipeline.factor_names(ctx.config)
@@ -538,6 +539,9 @@ def speckle_section(ctx: Context) -> Result:
     _, rec = reconstruct_batches(ctx, n, ctx.key("reconstruction"))
     sets["reconstructions"] = rec
   sets["samples"] = prior_samples(ctx, n, jax.random.fold_in(ctx.key("speckle"), 0))
+  if ctx.kind.has_encoder and ctx.config.sampling.prior == "latent_diffusion":
+    sets["latent_prior_samples"] = prior_samples(ctx, n, jax.random.fold_in(ctx.key("speckle"), 0),
+                                                 latent_prior=True)
   for name, generated in sets.items():
     st = speckle.sample_background_std(generated, radius=radius if known_radius else None)
     result[f"{name}_std"] = float(np.mean(st["std"]))
@@ -647,14 +651,24 @@ def _fid_applies(ctx: Context) -> str:
   return ""
 
 
-def prior_samples(ctx: Context, num: int, key: jax.Array) -> np.ndarray:
-  """num images generated from z ~ N(0, I) (unconditional for a kind without latents), in
-  batches of eval size."""
+def prior_samples(ctx: Context, num: int, key: jax.Array, *,
+                  latent_prior: bool = False) -> np.ndarray:
+  """num images generated from z ~ N(0, I) (unconditional for a kind without latents), or with
+  latent_prior from z drawn from the run's fitted latent diffusion prior
+  (inference.fitted_latent_prior), in batches of eval size."""
   d = ctx.comp.latent_dim if ctx.kind.has_encoder else 1
+  prior = None
+  if latent_prior:
+    from sami_jax import latent_prior as latent_prior_lib  # pylint: disable=g-import-not-at-top
+    prior = ctx.memo("latent_prior", lambda: inference.fitted_latent_prior(
+        ctx.config, ctx.params, ctx.workdir, ctx.step))
   out, i = [], 0
   while i < num:
     kb = jax.random.fold_in(key, i)
-    z = rngs.normal(kb, (ctx.batch_size, d))  # fixed shape: one compilation
+    if prior is None:
+      z = rngs.normal(kb, (ctx.batch_size, d))  # fixed shape: one compilation
+    else:
+      z = latent_prior_lib.sample(ctx.config, prior, ctx.batch_size, jax.random.fold_in(kb, 1))
     x = inference.decode(ctx.comp, ctx.params, z, kb, **ctx.sampling_kwargs())
     out.append(np.asarray(x)[:num - i])
     i += ctx.batch_size
