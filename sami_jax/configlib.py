@@ -33,6 +33,7 @@ BETA_SCHEDULES = ("constant", "linear", "loglinear")
 SCALE_PARAMS = ("softplus", "exp")
 SAMPLERS = ("ddim", "ddpm")
 POOLS = ("flatten", "mean")
+STD_INPUTS = ("image", "time")
 DTYPES = ("float32", "bfloat16")
 LR_DECAYS = ("constant", "cosine")
 UPDATE_LAYOUTS = ("auto", "flat", "tree")
@@ -107,6 +108,9 @@ def default_config() -> ml_collections.ConfigDict:
   e.init_std = 1.0           # the posterior std of every input at init (exactly).
   e.mean_init_scale = 0.1    # variance scale of the mean head's init (fan-in truncated normal).
   e.pool = "flatten"         # flatten | mean: how the last feature map becomes a vector.
+  # What the posterior std depends on: "image" (std(x, t)) or "time" (std(t) per latent
+  # dimension: no x-gradient through the std, so the guidance comes from the mean alone).
+  e.std_input = "image"
 
   # ----------------------------------------------------------- diffusion
   c.diffusion = f = ml_collections.ConfigDict()
@@ -445,6 +449,7 @@ _RULES = {
     "model.encoder.scale_param": _rule_choice(SCALE_PARAMS), "model.encoder.min_std": _POS,
     "model.encoder.max_std": _POS, "model.encoder.init_std": _POS,
     "model.encoder.mean_init_scale": _POS, "model.encoder.pool": _rule_choice(POOLS),
+    "model.encoder.std_input": _rule_choice(STD_INPUTS),
     "diffusion.schedule": _rule_choice(SCHEDULES), "diffusion.cosine_s": _POS,
     "diffusion.linear_beta_start": _POS, "diffusion.linear_beta_end": _POS,
     "diffusion.logsnr_min": _rule_float(), "diffusion.logsnr_max": _rule_float(),

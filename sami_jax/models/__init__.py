@@ -59,7 +59,8 @@ def build_models(config) -> tuple[UNet | ConvDecoder, Encoder]:
       attn_resolutions=tuple(e.attn_resolutions), num_groups=e.num_groups,
       latent_dim=e.latent_dim, time_conditioning=kinds.encoder_time_conditioning(config),
       scale_param=e.scale_param, min_std=e.min_std, max_std=e.max_std,
-      init_std=e.init_std, mean_init_scale=e.mean_init_scale, dtype=dt, pool=e.pool)
+      init_std=e.init_std, mean_init_scale=e.mean_init_scale, dtype=dt, pool=e.pool,
+      std_input=e.std_input)
   return denoiser, encoder
 
 

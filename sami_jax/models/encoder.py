@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from sami_jax.models import layers
 
 SCALE_PARAMS = ("softplus", "exp")
+STD_INPUTS = ("image", "time")
 
 
 # Sharpness of the smooth bound on log std in the "exp" parameterisation: the log-std range
@@ -119,6 +120,11 @@ class Encoder(nn.Module):
     num_heads: attention heads.
     pool: "flatten" keeps the spatial layout of the last feature map (so where things are can be
       encoded: Disks' centre x and y); "mean" pools it away (translation invariant features).
+    std_input: what the posterior std depends on: "image" (the image's features and, with time
+      conditioning, t: std(x, t)) or "time" (t alone, one std per latent dimension and noise
+      level: std(t); constant without time conditioning). With "time" the std has no gradient in
+      x, so the guidance grad_x log q comes from the mean alone: the latent cannot carry
+      information in its norm through an image-dependent width (docs/experiments.md).
   """
   ch: int = 32
   ch_mult: tuple = (1, 2, 2)
@@ -135,6 +141,7 @@ class Encoder(nn.Module):
   mean_init_scale: float = 0.1
   num_heads: int = 1
   pool: str = "flatten"
+  std_input: str = "image"
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array | None = None, *,
@@ -158,6 +165,8 @@ class Encoder(nn.Module):
     if not 0.0 < self.min_std < self.init_std < self.max_std:
       raise ValueError(f"Encoder needs 0 < min_std < init_std < max_std; got min_std="
                        f"{self.min_std}, init_std={self.init_std}, max_std={self.max_std}.")
+    if self.std_input not in STD_INPUTS:
+      raise ValueError(f"Encoder.std_input={self.std_input!r} is not one of {list(STD_INPUTS)}.")
     b = x.shape[0]
     dt = self.dtype
     temb = None
@@ -193,10 +202,16 @@ class Encoder(nn.Module):
                     kernel_init=nn.initializers.variance_scaling(
                         self.mean_init_scale, "fan_in", "truncated_normal"),
                     name="mean_head")(h)
+    if self.std_input == "image":
+      std_in = h
+    elif temb is not None:  # "time": std(t), the same for every image at a noise level
+      std_in = nn.silu(temb.astype(jnp.float32))
+    else:  # "time" without time conditioning: one learned std per latent dimension
+      std_in = jnp.zeros((b, 1), jnp.float32)
     # Zero kernel and bias: the pre-activation is 0 for every input, so std == init_std at init.
     std_pre = nn.Dense(self.latent_dim, dtype=jnp.float32, param_dtype=jnp.float32,
                        kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros,
-                       name="std_head")(h)
+                       name="std_head")(std_in)
     std = std_from_preactivation(std_pre, self.scale_param, self.min_std, self.max_std,
                                  self.init_std)
     chex.assert_shape([mean, std], (b, self.latent_dim))
