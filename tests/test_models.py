@@ -568,6 +568,30 @@ def test_encoder_time_conditioning():
     aware.apply({"params": params}, x)
 
 
+def test_encoder_std_from_the_noise_level_alone():
+  """std_input="time": the posterior std is a function of t only (init_std at init; no gradient in
+  x, so the guidance comes from the mean alone), while the mean still reads the image."""
+  x, x2 = _images(0, (2, 8, 8, 1)), _images(5, (2, 8, 8, 1))
+  t1, t2 = jnp.array([0.1, 0.1]), jnp.array([0.8, 0.8])
+  model = Encoder(**TINY_ENC, time_conditioning=True, std_input="time", init_std=0.3)
+  params = model.init(jax.random.PRNGKey(0), x, t1)["params"]
+  np.testing.assert_allclose(np.asarray(_enc_apply(model)(params, x, t1)[1]), 0.3, rtol=1e-6)
+  params = _random_params(model, x, t1)
+  apply = _enc_apply(model)
+  (m1, s1), (m2, s2), (_, s3) = apply(params, x, t1), apply(params, x2, t1), apply(params, x, t2)
+  np.testing.assert_array_equal(np.asarray(s1), np.asarray(s2))  # the image does not matter
+  np.testing.assert_array_equal(np.asarray(s1[0]), np.asarray(s1[1]))
+  assert np.max(np.abs(np.asarray(s1 - s3))) > 1e-4  # the noise level does
+  assert np.max(np.abs(np.asarray(m1 - m2))) > 1e-4
+  grad_x = jax.grad(lambda xx: jnp.sum(jnp.log(model.apply({"params": params}, xx, t1)[1])))(x)
+  np.testing.assert_array_equal(np.asarray(grad_x), 0.0)
+  # Blind to the noise level: one learned std per latent dimension.
+  const = Encoder(**TINY_ENC, time_conditioning=False, std_input="time")
+  p_const = _random_params(const, x)
+  s_a, s_b = _enc_apply(const)(p_const, x)[1], _enc_apply(const)(p_const, x2)[1]
+  np.testing.assert_array_equal(np.asarray(s_a), np.asarray(s_b))
+
+
 def test_encoder_batch_independence():
   model = Encoder(**TINY_ENC, time_conditioning=True)
   x, t = _images(0, (3, 8, 8, 1)), _times(1, 3)
