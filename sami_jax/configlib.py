@@ -134,6 +134,9 @@ def default_config() -> ml_collections.ConfigDict:
   f.guidance_weighting = "constant"
   f.guidance_power = 1.0
   f.guidance_cutoff_sigma = 0.0
+  # The guidance's x-derivative through the posterior std: True is the exact score of q; False
+  # leaves it out (the guidance from the mean alone), in training and sampling alike.
+  f.guidance_std_gradient = True
 
   # ----------------------------------------------------------- objective
   c.objective = o = ml_collections.ConfigDict()
@@ -460,6 +463,7 @@ _RULES = {
     "diffusion.mixture_high_noise": _rule_float(0, hi=1),
     "diffusion.guidance_weighting": _rule_choice(GUIDANCE_WEIGHTINGS),
     "diffusion.guidance_power": _POS, "diffusion.guidance_cutoff_sigma": _rule_float(0, hi=1),
+    "diffusion.guidance_std_gradient": _rule_bool,
     "objective.denoiser_loss": _rule_choice(DENOISER_LOSSES),
     "objective.encoder_time_sampling": _rule_choice(ENCODER_TIME_SAMPLINGS),
     "objective.encoder_high_noise_power": _rule_float(0, lo_open=True, hi=1),

@@ -38,11 +38,14 @@ def kl_to_standard_normal(mean: jax.Array, std: jax.Array) -> jax.Array:
 
 
 def guidance_score(encode_fn: EncodeFn, x_t: jax.Array, z: jax.Array,
-                   t: jax.Array | None) -> jax.Array:
+                   t: jax.Array | None, through_std: bool = True) -> jax.Array:
   """g_t = grad_{x_t} log q_phi(z | x_t), for a whole batch in one reverse pass.
 
   Examples are independent (no batch coupling in the encoder), so the gradient of the batch *sum*
   of log q gives every example's own score. The log-variance term is kept: std depends on x_t.
+  through_std=False leaves out the x-derivative through the std (std(x_t) enters as a value that
+  still depends on the params): the guidance then comes from the mean alone. That is not the
+  score of q unless the std does not depend on x (model.encoder.std_input="time").
 
   Args:
     encode_fn: (x, t) -> (mean, std), the encoder with its params bound (differentiable in them).
@@ -53,9 +56,11 @@ def guidance_score(encode_fn: EncodeFn, x_t: jax.Array, z: jax.Array,
   Returns:
     [B, H, W, C], the score of log q with respect to x_t.
   """
+  std_at_x_t = None if through_std else encode_fn(x_t, t)[1]
+
   def total_log_q(x):
     mean, std = encode_fn(x, t)
-    return jnp.sum(gaussian_log_prob(z, mean, std))
+    return jnp.sum(gaussian_log_prob(z, mean, std if through_std else std_at_x_t))
   return jax.grad(total_log_q)(x_t)
 
 
@@ -109,7 +114,7 @@ def guided_eps(eps_theta: jax.Array, encode_fn: EncodeFn, x_t: jax.Array, t: jax
   eps_theta, x_t: [B, H, W, C]; t: [B]; z: [B, d]; scale: the guidance scale (scalar).
   Returns (eps_hat, the correction scale * gamma(t) * sigma_t * g_t), both [B, H, W, C].
   """
-  g = guidance_score(encode_fn, x_t, z, t)
+  g = guidance_score(encode_fn, x_t, z, t, schedule.guidance_std_gradient)
   per_example = scale * schedule.guidance_weight(t) * schedule.sigma(t)
   correction = per_example[:, None, None, None] * g
   return eps_theta - correction, correction

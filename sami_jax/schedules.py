@@ -51,6 +51,8 @@ class Schedule:
       guidance_power: the correction fades at low noise) or "cutoff" (1 where sigma_t >=
       guidance_cutoff_sigma, 0 below: no guidance at the lowest noise levels).
     guidance_power, guidance_cutoff_sigma: the parameters of those.
+    guidance_std_gradient: the guidance includes the x-derivative through the posterior std
+      (True: the exact score of q) or comes from the mean alone (objective.guidance_score).
   """
   kind: str = "cosine"
   cosine_s: float = 0.008
@@ -66,6 +68,7 @@ class Schedule:
   guidance_weighting: str = "constant"
   guidance_power: float = 1.0
   guidance_cutoff_sigma: float = 0.0
+  guidance_std_gradient: bool = True
 
   def _cosine_consts(self) -> tuple[float, float, float]:
     """(c, cos(s c), sin(s c)) with c = pi / (2 (1 + s)): u_t = (t + s) c is the cosine's angle."""
@@ -292,7 +295,8 @@ def from_config(config) -> Schedule:
                   mixture_high_noise=d.mixture_high_noise,
                   importance_weighting=d.importance_weighting,
                   guidance_weighting=d.guidance_weighting, guidance_power=d.guidance_power,
-                  guidance_cutoff_sigma=d.guidance_cutoff_sigma)
+                  guidance_cutoff_sigma=d.guidance_cutoff_sigma,
+                  guidance_std_gradient=d.guidance_std_gradient)
 
 
 def encoder_draw(config, schedule: Schedule) -> Schedule | None:

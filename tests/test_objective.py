@@ -377,3 +377,20 @@ def test_guidance_weighting_scales_the_correction_in_training_and_sampling(weigh
   g_train = sig ** 2.0 if weighting == "sigma_power" else (sig >= 0.8).astype(float)
   np.testing.assert_allclose(tw["guidance_norm"], g_train * np.asarray(tc["guidance_norm"]),
                              rtol=1e-4, atol=1e-8)
+
+
+def test_guidance_without_the_std_path_is_the_mean_term_alone():
+  """through_std=False: g = sum_i (z_i - mean_i(x)) / std_i(x_t)^2 grad_x mean_i(x) at x = x_t,
+  written here as a vector-Jacobian product of the mean alone."""
+  enc = tiny_models.TinyEncoder(latent_dim=2)
+  x = jax.random.normal(jax.random.PRNGKey(1), (B, H, W, C))
+  params = tiny_models.init(enc, x)
+  z = jax.random.normal(jax.random.PRNGKey(2), (B, 2))
+  encode_fn = _encode_fn(enc, params)
+  mean, std = enc.apply({"params": params}, x)
+  _, vjp = jax.vjp(lambda xx: enc.apply({"params": params}, xx)[0], x)
+  ref = vjp((z - mean) / std ** 2)[0]
+  got = objective.guidance_score(encode_fn, x, z, None, through_std=False)
+  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+  full = objective.guidance_score(encode_fn, x, z, None)
+  assert not np.allclose(full, ref, rtol=1e-3)  # this encoder's std does depend on x
