@@ -258,7 +258,11 @@ def use_cpu_sizes(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     the rotation of the latent free, 1 costs reconstructions: MSE 0.06 -> 0.21);
   - high-noise time sampling with power 0.3 (t = u ** 0.3, 30% of the times above 0.9): the
     background intensity is worth encoding only where the noise hides it from the denoiser, at
-    the very highest noise levels; with power 0.5 the latent often left it out.
+    the very highest noise levels; with power 0.5 the latent often left it out;
+  - a guidance scale of 4 at sampling time (sampling.guidance_scale; SAMI.md allows > 1 there; the
+    training objective keeps gamma = 1): DDIM-25 reconstructions from z sharpen the posterior, and
+    on the training split each doubling of the scale up to 4 cut their MSE by more than a quarter
+    (0.086, 0.061, 0.044 at 1, 2, 4), less after (0.034 at 8).
   """
   u, e = c.model.denoiser, c.model.encoder
   u.ch, u.ch_mult, u.num_res_blocks, u.attn_resolutions = 16, (1, 2, 2), 1, ()
@@ -278,6 +282,7 @@ def use_cpu_sizes(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.objective.beta_end = 0.1
   c.objective.beta_warmup_steps = 2000
   c.sampling.steps = 25
+  c.sampling.guidance_scale = 4.0
   return c
 
 
