@@ -116,8 +116,8 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
          summary="the encoder alone, on a frozen denoiser restored from a ddpm run",
          image_model="denoiser", encoder="posterior", latent_route="guidance",
          frozen=("denoiser",), needs_denoiser_checkpoint=True, kl_weight="schedule",
-         compare_note="encoder only on the ddpm run's frozen denoiser; lr x 0.5, high-noise time "
-                      "sampling (power 0.5)",
+         compare_note="encoder only on the ddpm run's frozen denoiser; lr x 0.5, the encoder's "
+                      "time draw t = u ** 0.1, KL weight 1e-3",
          compare_setup=_frozen_on_compare_ddpm),
     Kind(name="ddpm", summary="the unconditional denoiser alone (pre-training for sami_frozen)",
          image_model="denoiser", encoder="none", latent_route="none", frozen=("encoder",),
