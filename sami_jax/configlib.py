@@ -250,7 +250,7 @@ def use_cpu_sizes(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Model, optimizer and cadence sized to train in minutes on a 2-core CPU (the `cpu` variants).
 
   A small U-Net without attention, a light encoder, batch 32, a high learning rate, the "elbo"
-  weighting, and four choices measured on Disks (docs/experiments.md, batches A-E of 2026-12-06):
+  weighting, and four choices measured on Disks (docs/experiments.md, batches A-E):
   - a posterior std of 0.2 at init (instead of 1): the guidance scales like 1 / std^2; from std 1
     it stays too weak to pull the disk position into the latent, from 0.1 the background ends up
     in the norm of z (a curved code: kNN R^2 0.97, linear 0.02), at 0.2 it is a linear direction;
