@@ -42,7 +42,8 @@ def get_config(arg: str | None = None):
     c.model.decoder.ch, c.model.decoder.ch_mult = 16, (1, 2, 2)
     if variant == "frozen":
       configlib.use_frozen_denoiser(c)
-      # Every factor at kNN R^2 >= 0.9 in 2000 steps (about half the joint run's time).
+      # Seed 0 learns every factor (kNN R^2 >= 0.9) in 2000 steps, about half the joint run's time;
+      # seeds 1 and 2 do not start (README, Results; docs/experiments.md, batches E-F).
       c.train.num_steps = 2000
   elif variant == "test":
     configlib.use_tiny_sizes(c)

@@ -56,12 +56,12 @@ def guidance_score(encode_fn: EncodeFn, x_t: jax.Array, z: jax.Array,
   Returns:
     [B, H, W, C], the score of log q with respect to x_t.
   """
-  std_at_x_t = None if through_std else encode_fn(x_t, t)[1]
-
-  def total_log_q(x):
-    mean, std = encode_fn(x, t)
-    return jnp.sum(gaussian_log_prob(z, mean, std if through_std else std_at_x_t))
-  return jax.grad(total_log_q)(x_t)
+  if through_std:
+    return jax.grad(lambda x: jnp.sum(gaussian_log_prob(z, *encode_fn(x, t))))(x_t)
+  # One encoder pass: pull d log q / d mean back to x_t, with a zero cotangent for the std.
+  (mean, std), pullback = jax.vjp(lambda x: encode_fn(x, t), x_t)
+  d_mean = jax.grad(lambda m: jnp.sum(gaussian_log_prob(z, m, std)))(mean)
+  return pullback((d_mean, jnp.zeros_like(std)))[0]
 
 
 def beta_at(objective_config, step: jax.Array) -> jax.Array:
